@@ -1,0 +1,336 @@
+"""LLaMA / Vicuna decoder as a pure Flax Linen module, numerically matching `transformers`.
+
+Parameters carry logical axis names (see `rlaif_jax/parallel/sharding.py` for the rules that map
+them to mesh axes). Layers are scanned (`nn.scan`) by default so a 40-layer model compiles as fast
+as a 2-layer one; `remat_policy` picks what the backward pass recomputes. The KV cache is an
+explicit pytree `{'k', 'v'}` of shape [layers, batch, cache_len, kv_heads, head_dim] passed in and
+returned, never hidden module state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from rlaif_jax.models.lora import LoraConfig, Projection
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: Optional[int] = None  # None: same as num_heads (MHA)
+    head_dim: Optional[int] = None  # None: hidden_size // num_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling_factor: float = 1.0  # linear RoPE scaling: positions / factor
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat_policy: str = "none"
+    lora: LoraConfig = LoraConfig()
+
+    def __post_init__(self):
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(
+                f"remat_policy={self.remat_policy!r}: expected one of {sorted(REMAT_POLICIES)}")
+        for key in ("dtype", "param_dtype"):
+            if getattr(self, key) not in DTYPES:
+                raise ValueError(f"{key}={getattr(self, key)!r}: expected one of {sorted(DTYPES)}")
+        if self.num_heads % self.kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.kv_heads}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def weight_dtype(self):
+        return DTYPES[self.param_dtype]
+
+    def replace(self, **changes) -> "LlamaConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "LlamaConfig":
+        """From a plain dict or ConfigDict (e.g. a `configs/models.py` preset); unknown keys fail."""
+        values = dict(values)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown LLaMA config keys {unknown}; known: {sorted(known)}")
+        if isinstance(values.get("lora"), dict) or hasattr(values.get("lora"), "to_dict"):
+            lora = values["lora"]
+            values["lora"] = LoraConfig(**(lora.to_dict() if hasattr(lora, "to_dict") else lora))
+        return cls(**values)
+
+
+@flax.struct.dataclass
+class LlamaOutput:
+    logits: Optional[jax.Array]  # [B, L, vocab] float32, None when compute_logits=False
+    last_hidden_state: jax.Array  # [B, L, H] after the final norm
+    hidden_states: Optional[tuple]  # embeddings, then each layer's output (HF convention)
+    cache: Optional[dict]
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """Position ids that start at 0 on each row's first real token (right for left padding)."""
+    return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
+
+
+def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype=None) -> dict:
+    shape = (config.num_layers, batch_size, max_length, config.kv_heads, config.dim_per_head)
+    dtype = dtype or config.compute_dtype
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def rope_cos_sin(position_ids: jax.Array, config: LlamaConfig):
+    """cos, sin of shape [B, L, head_dim] in the rotate-half layout (frequencies repeated)."""
+    dim = config.dim_per_head
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    positions = position_ids.astype(jnp.float32) / config.rope_scaling_factor
+    angles = positions[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: [B, L, heads, head_dim]; rotate-half as in transformers (no q/k permutation)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float = 1e-5
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+            (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (scale.astype(jnp.float32) * x32).astype(self.dtype)
+
+
+class Attention(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, mask, cos, sin, layer_cache=None, cache_index=None):
+        cfg = self.config
+        batch, length, _ = x.shape
+        heads, kv_heads, head_dim = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
+        proj = dict(lora=cfg.lora, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+        q = Projection(heads * head_dim, ("embed", "heads"), name="q_proj", **proj)(x)
+        k = Projection(kv_heads * head_dim, ("embed", "kv_heads"), name="k_proj", **proj)(x)
+        v = Projection(kv_heads * head_dim, ("embed", "kv_heads"), name="v_proj", **proj)(x)
+        q = q.reshape(batch, length, heads, head_dim)
+        k = k.reshape(batch, length, kv_heads, head_dim)
+        v = v.reshape(batch, length, kv_heads, head_dim)
+        q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", None))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        new_cache = None
+        if layer_cache is not None:
+            # Write this chunk at cache_index in place, then attend over the whole buffer.
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), start)
+            v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
+            new_cache = {"k": k, "v": v}
+
+        out = jax.nn.dot_product_attention(
+            q.astype(cfg.compute_dtype), k.astype(cfg.compute_dtype), v.astype(cfg.compute_dtype),
+            mask=mask)
+        out = out.reshape(batch, length, heads * head_dim)
+        out = Projection(cfg.hidden_size, ("heads", "embed"), name="o_proj", **proj)(out)
+        return out, new_cache
+
+
+class MLP(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        proj = dict(lora=cfg.lora, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+        gate = Projection(cfg.intermediate_size, ("embed", "mlp"), name="gate_proj", **proj)(x)
+        up = Projection(cfg.intermediate_size, ("embed", "mlp"), name="up_proj", **proj)(x)
+        hidden = nn.with_logical_constraint(
+            nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
+        return Projection(cfg.hidden_size, ("mlp", "embed"), name="down_proj", **proj)(hidden)
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm block; signature (carry, per-layer inputs) so it can be scanned."""
+
+    config: LlamaConfig
+    collect_hidden: bool = False
+
+    @nn.compact
+    def __call__(self, x, mask, cos, sin, layer_cache, cache_index):
+        cfg = self.config
+        norm = dict(eps=cfg.rms_norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+        x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+        attn_out, new_cache = Attention(cfg, name="self_attn")(
+            RMSNorm(name="input_layernorm", **norm)(x), mask, cos, sin, layer_cache, cache_index)
+        x = x + attn_out
+        x = x + MLP(cfg, name="mlp")(RMSNorm(name="post_attention_layernorm", **norm)(x))
+        x = x.astype(cfg.compute_dtype)
+        return x, (new_cache, x if self.collect_hidden else None)
+
+
+def attention_mask_4d(attention_mask, query_slots, key_slots):
+    """Boolean [B, 1, Lq, S]: causal by slot index, and the key must be a real token."""
+    causal = key_slots[None, :] <= query_slots[:, None]
+    return (causal[None, None] & attention_mask[:, None, None, :].astype(bool))
+
+
+class Llama(nn.Module):
+    """LlamaForCausalLM. `inputs_embeds` (e.g. with video tokens spliced in) replaces the lookup.
+
+    `output_hidden_states=True` makes a module (same params) that also returns every layer's
+    output; it is a module attribute because scanned layers must know it when they are built.
+    """
+
+    config: LlamaConfig
+    output_hidden_states: bool = False
+
+    def setup(self):
+        cfg = self.config
+        self.embed_tokens = self.param(
+            "embed_tokens",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+            (cfg.vocab_size, cfg.hidden_size), cfg.weight_dtype)
+        layer_cls = DecoderLayer
+        policy = REMAT_POLICIES[cfg.remat_policy]
+        if cfg.remat_policy != "none":
+            layer_cls = nn.remat(layer_cls, policy=policy, prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            self.layers = nn.scan(
+                layer_cls,
+                variable_axes={"params": 0, "lora": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, collect_hidden=self.output_hidden_states, name="layers")
+        else:
+            self.layer_list = [
+                layer_cls(cfg, collect_hidden=self.output_hidden_states, name=f"layers_{i}")
+                for i in range(cfg.num_layers)]
+        self.norm = RMSNorm(
+            eps=cfg.rms_norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, name="norm")
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Projection(
+                cfg.vocab_size, ("embed", "vocab"), dtype=cfg.compute_dtype,
+                param_dtype=cfg.weight_dtype, name="lm_head")
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        embeddings = jnp.take(self.embed_tokens, input_ids, axis=0)
+        return embeddings.astype(self.config.compute_dtype)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        if self.config.tie_word_embeddings:
+            weight = self.embed_tokens.astype(self.config.compute_dtype)
+            logits = jnp.einsum("...h,vh->...v", hidden, weight)
+        else:
+            logits = self.lm_head(hidden)
+        logits = nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
+        return logits.astype(jnp.float32)
+
+    def __call__(
+        self,
+        input_ids: Optional[jax.Array] = None,
+        attention_mask: Optional[jax.Array] = None,
+        position_ids: Optional[jax.Array] = None,
+        inputs_embeds: Optional[jax.Array] = None,
+        cache: Optional[dict] = None,
+        cache_index: Optional[jax.Array] = None,
+        compute_logits: bool = True,
+    ) -> LlamaOutput:
+        """Forward pass.
+
+        Without a cache: causal attention over the L given tokens, `attention_mask` [B, L].
+        With a cache of length S: the L tokens are written at slots cache_index.., and
+        `attention_mask` [B, S] marks which cache slots hold real tokens (the caller keeps it).
+        """
+        cfg = self.config
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("give input_ids or inputs_embeds")
+            inputs_embeds = self.embed(input_ids)
+        batch, length = inputs_embeds.shape[:2]
+        if cache is not None:
+            if cache_index is None or attention_mask is None:
+                raise ValueError("a cache needs cache_index and the attention_mask over its slots")
+            query_slots = cache_index + jnp.arange(length)
+            key_slots = jnp.arange(cache["k"].shape[2])
+        else:
+            cache_index = jnp.zeros((), jnp.int32)
+            query_slots = key_slots = jnp.arange(length)
+        if attention_mask is None:
+            attention_mask = jnp.ones((batch, key_slots.shape[0]), jnp.int32)
+        if position_ids is None:
+            if cache is not None:
+                raise ValueError("with a cache, pass position_ids explicitly")
+            position_ids = positions_from_mask(attention_mask)
+        mask = attention_mask_4d(attention_mask, query_slots, key_slots)
+        cos, sin = rope_cos_sin(position_ids, cfg)
+
+        x = inputs_embeds.astype(cfg.compute_dtype)
+        layer_outputs = []
+        if cfg.scan_layers:
+            x, (new_cache, stacked) = self.layers(x, mask, cos, sin, cache, cache_index)
+            if self.output_hidden_states:
+                layer_outputs = [stacked[i] for i in range(cfg.num_layers)]
+        else:
+            new_layers = []
+            for i, layer in enumerate(self.layer_list):
+                layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
+                x, (layer_new_cache, hidden) = layer(x, mask, cos, sin, layer_cache, cache_index)
+                new_layers.append(layer_new_cache)
+                layer_outputs.append(hidden)
+            new_cache = None if cache is None else jax.tree.map(
+                lambda *c: jnp.stack(c), *new_layers)
+        hidden = self.norm(x)
+        hidden_states = None
+        if self.output_hidden_states:
+            hidden_states = tuple([inputs_embeds] + layer_outputs[:-1] + [hidden])
+        logits = self.logits(hidden) if compute_logits else None
+        return LlamaOutput(logits=logits, last_hidden_state=hidden, hidden_states=hidden_states,
+                           cache=new_cache)

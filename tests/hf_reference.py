@@ -1,0 +1,61 @@
+"""Tiny random `transformers` models built and saved locally: the PyTorch reference in tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import transformers
+
+
+def tiny_hf_llama_config(**overrides) -> transformers.LlamaConfig:
+    values = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=4, rms_norm_eps=1e-5,
+                  max_position_embeddings=256, tie_word_embeddings=False, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2)
+    values.update(overrides)
+    return transformers.LlamaConfig(**values)
+
+
+def save_tiny_hf_llama(directory, seed: int = 0, **overrides) -> transformers.LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = tiny_hf_llama_config(**overrides)
+    config._attn_implementation = "eager"
+    model = transformers.LlamaForCausalLM(config).eval()
+    # Random (not zero) norm weights, so a wrong mapping of norms cannot hide.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+    model.save_pretrained(directory)
+    return model
+
+
+def left_padded_batch(vocab_size: int, lengths, total: int, seed: int = 0):
+    """input_ids, attention_mask (numpy int32) with rows left-padded to `total`."""
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((len(lengths), total), np.int32)
+    mask = np.zeros((len(lengths), total), np.int32)
+    for row, n in enumerate(lengths):
+        ids[row, total - n:] = rng.integers(3, vocab_size, n)
+        mask[row, total - n:] = 1
+    return ids, mask
+
+
+def hf_logits(model, input_ids, attention_mask) -> np.ndarray:
+    """Reference logits; positions from the mask, as `generate` computes them."""
+    ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
+    mask = torch.as_tensor(np.asarray(attention_mask), dtype=torch.long)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions)
+    return out.logits.float().numpy()
+
+
+def assert_close_scaled(ours, ref, mask=None, rel: float = 1e-4):
+    """DESIGN.md's forward tolerance: max |ours - ref| <= rel * max |ref| on real positions."""
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    if mask is not None:
+        keep = np.asarray(mask).astype(bool)
+        ours, ref = ours[keep], ref[keep]
+    err, scale = np.max(np.abs(ours - ref)), np.max(np.abs(ref))
+    assert err <= rel * scale, f"max |diff| {err:.3e} > {rel} * max |ref| {scale:.3e}"
