@@ -41,7 +41,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     except (AttributeError, KeyError) as e:
         # ml_collections: an override of a key that the locked config does not have.
         message = str(e).replace("\\n", "\n")
-        found = re.search(r"'([^'\\]+)'", message)
+        found = re.search(r"'([\w.-]+)'", message.replace("\\", ""))
         key = found.group(1) if found else message
         given = [a.split("=")[0][len("--config."):] for a in argv[1:] if a.startswith("--config.")]
         path = next((g for g in given if g.split(".")[-1] == key), key)
