@@ -19,8 +19,7 @@ def tiny_llama(lora_rank: int = 0, **changes) -> Llama:
 
 def init_variables_fn(model: Llama, length: int = 16):
     def init(rng):
-        return model.init(jax.random.wrap_key_data(rng) if False else rng,
-                          jnp.zeros((1, length), jnp.int32))
+        return model.init(rng, jnp.zeros((1, length), jnp.int32))
     return init
 
 
