@@ -83,8 +83,7 @@ def test_sampled_logprobs_equal_full_forward(tiny, temperature, top_k, top_p):
                               top_p=top_p, num_samples=3, eos_token_id=7, prompt_bucket=8)
     gen = generate(model, variables, batch, jax.random.PRNGKey(3), sampling)
     assert gen.tokens.shape == (9, 10) and gen.logprobs.dtype == jnp.float32
-    recomputed = sequence_logprobs(model, variables, batch["input_ids"],
-                                   batch["attention_mask"], gen, 3, temperature)
+    recomputed = sequence_logprobs(model, variables, batch, gen, 3, temperature)
     mask = np.asarray(gen.mask).astype(bool)
     np.testing.assert_allclose(np.asarray(gen.logprobs)[mask], np.asarray(recomputed)[mask],
                                rtol=1e-5, atol=1e-5)

@@ -118,13 +118,68 @@ class TextDecoder:
     def logits(self, variables, hidden):
         return self.model.apply(variables, hidden, method=Llama.logits)
 
+    def full_logits(self, variables, input_ids, attention_mask, video_tokens=None,
+                    has_video=None):
+        """Teacher-forced logits [B, L, V] over a whole sequence (no cache)."""
+        del video_tokens, has_video
+        return self.model.apply(variables, input_ids, attention_mask=attention_mask).logits
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoDecoder:
+    """The video LLM (issue 3's fixed interface): `prepare_inputs` splices the video tokens in
+    place of the `<image>` placeholder, giving [B, L+N-1] prefill embeddings and their mask; the
+    decode steps run its `llm` submodule on plain token ids."""
+
+    model: Any
+
+    @property
+    def llm_config(self) -> LlamaConfig:
+        return self.model.config.llm
+
+    @property
+    def has_vision(self) -> bool:
+        return True
+
+    def encode_video(self, variables, frames):
+        return _encode_video_jit(self, variables, jnp.asarray(frames))
+
+    def prefill_inputs(self, variables, input_ids, attention_mask, video_tokens=None,
+                       has_video=None):
+        embeds, mask, _ = self.model.apply(variables, input_ids, attention_mask, video_tokens,
+                                           has_video, method="prepare_inputs")
+        return embeds, mask
+
+    def run_llm(self, variables, **kwargs) -> LlamaOutput:
+        return self.model.apply(variables, method=lambda module, **kw: module.llm(**kw), **kwargs)
+
+    def logits(self, variables, hidden):
+        return self.model.apply(variables, hidden,
+                                method=lambda module, h: module.llm.logits(h))
+
+    def full_logits(self, variables, input_ids, attention_mask, video_tokens=None,
+                    has_video=None):
+        """Teacher-forced logits aligned with input_ids (the video LLM's own forward)."""
+        return self.model.apply(variables, input_ids, attention_mask, has_video=has_video,
+                                video_tokens=video_tokens).logits
+
+
+def _encode_video(decoder, variables, frames):
+    return decoder.model.apply(variables, frames, method="encode_video")
+
+
+_encode_video_jit = jax.jit(_encode_video, static_argnames=("decoder",))
+
 
 def decoder_for(model: Any):
-    """The adapter for a model (pass an adapter through unchanged)."""
+    """The adapter for a model (an adapter is passed through unchanged)."""
     if isinstance(model, Llama):
         return TextDecoder(model)
     if hasattr(model, "prefill_inputs") and hasattr(model, "run_llm"):
         return model
+    if isinstance(model, nn.Module) and all(
+            hasattr(model, name) for name in ("prepare_inputs", "encode_video")):
+        return VideoDecoder(model)
     raise TypeError(f"generation does not know how to decode with {type(model).__name__}")
 
 
@@ -317,21 +372,32 @@ def generate(model, variables: dict, batch: dict, rng: jax.Array, sampling: Samp
                              mesh=mesh, rules=tuple(rules) if mesh is not None else None)
 
 
-def sequence_logprobs(model, variables: dict, prompt_ids, prompt_mask, generation: Generation,
-                      num_samples: int, temperature: float) -> jax.Array:
+def sequence_logprobs(model, variables: dict, batch: dict, generation: Generation,
+                      num_samples: int, temperature: float, *,
+                      video_tokens: Optional[jax.Array] = None) -> jax.Array:
     """Log-probs of the generated tokens recomputed by one full forward over prompt + response.
 
-    The check PPO relies on (and its own recomputation, without the cache): [B*n, T] float32,
-    `log_softmax(logits / temperature)` (temperature 0 read as 1), zero where mask is 0.
+    What PPO relies on (and how it recomputes them, without the cache). `batch` holds the
+    prompts as given to `generate` (`input_ids`, `attention_mask`, and `has_video` with
+    `video_tokens` for a video model). Returns [B*n, T] float32
+    `log_softmax(logits / temperature)` of each generated token (temperature 0 read as 1),
+    zero where the generation's mask is 0.
     """
     decoder = decoder_for(model)
-    prompt_ids = _repeat_rows(jnp.asarray(prompt_ids, jnp.int32), num_samples)
-    prompt_mask = _repeat_rows(jnp.asarray(prompt_mask, jnp.int32), num_samples)
+    if video_tokens is None:
+        video_tokens = batch.get("video_tokens")
+    prompt_ids = _repeat_rows(jnp.asarray(batch["input_ids"], jnp.int32), num_samples)
+    prompt_mask = _repeat_rows(jnp.asarray(batch["attention_mask"], jnp.int32), num_samples)
+    has_video = batch.get("has_video")
+    if has_video is not None:
+        has_video = _repeat_rows(jnp.asarray(has_video, bool), num_samples)
+    if video_tokens is not None:
+        video_tokens = _repeat_rows(jnp.asarray(video_tokens), num_samples)
     ids = jnp.concatenate([prompt_ids, generation.tokens], axis=1)
     mask = jnp.concatenate([prompt_mask, generation.mask], axis=1)
-    logits = decoder.run_llm(variables, input_ids=ids, attention_mask=mask).logits
+    logits = decoder.full_logits(variables, ids, mask, video_tokens, has_video)
     prompt_slots, new = prompt_ids.shape[1], generation.tokens.shape[1]
-    # The logit at slot s predicts the token at slot s + 1.
+    # The logit at index s predicts the token at index s + 1.
     logits = logits[:, prompt_slots - 1: prompt_slots - 1 + new]
     logp = jax.nn.log_softmax(logits / (temperature or 1.0), axis=-1)
     chosen = jnp.take_along_axis(logp, generation.tokens[..., None], axis=-1)[..., 0]
