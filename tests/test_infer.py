@@ -108,3 +108,58 @@ def test_bad_config_fails_at_start(checkpoint, tmp_path):
         run_generate(config)
     config = generate_config.get_config()
     assert config.stage == "generate" and config.sampling.temperature == 0.2
+
+
+def test_video_questions_on_a_video_llm(tmp_path):
+    """Needs the video LLM (issue 3) and the data layer's video decoding (issue 4)."""
+    video_llm = pytest.importorskip("rlaif_jax.models.video_llm",
+                                    reason="the video LLM (issue 3) is not on this branch yet")
+    pytest.importorskip("rlaif_jax.data.video", reason="data/video.py (issue 4) is not here yet")
+    import jax
+    import jax.numpy as jnp
+    from PIL import Image
+
+    import rlaif_jax
+    from rlaif_jax.models.clip_vision import ClipVisionConfig
+    from rlaif_jax.models.llama import LlamaConfig
+
+    config = video_llm.VideoLLMConfig(
+        vision=ClipVisionConfig(image_size=28, patch_size=14, hidden_size=32,
+                                intermediate_size=64, num_layers=2, num_heads=2),
+        llm=LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=112, num_layers=2,
+                        num_heads=4, max_position_embeddings=512),
+        num_frames=4, image_token_id=97)
+    model = video_llm.VideoLLM(config)
+    variables = jax.jit(model.init)(
+        jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32),
+        frames=jnp.zeros((1, 4, 28, 28, 3), jnp.uint8), has_video=jnp.ones((1,), bool))
+    params = jax.tree.map(lambda x: x * 4.0 if x.ndim >= 2 else x, variables["params"])
+    directory = tmp_path / "llava"
+    rlaif_jax.save_pretrained(model, params, str(directory), layout="original")
+    save_word_tokenizer(str(directory), 97)
+    rng = np.random.default_rng(0)
+    for name in ("red", "blue"):
+        (tmp_path / name).mkdir()
+        for i in range(6):
+            colour = rng.integers(0, 256, (1, 1, 3)) * np.ones((40, 40, 3))
+            Image.fromarray(colour.astype(np.uint8)).save(tmp_path / name / f"{i:03d}.png")
+    question = "what colour is the square"
+    questions = [{"id": "a", "video": "red", "question": question},
+                 {"id": "b", "video": "blue", "question": question},
+                 {"id": "c", "video": None, "question": question},
+                 {"id": "d", "video": "missing.mp4", "question": question}]
+    (tmp_path / "q.json").write_text(json.dumps(questions))
+    cfg = generate_config.get_config("greedy")
+    cfg.init, cfg.input, cfg.output = str(directory), str(tmp_path / "q.json"), str(tmp_path / "a.json")
+    cfg.video_root = str(tmp_path)
+    cfg.num_frames = 4
+    cfg.sampling.max_new_tokens = 8
+    cfg.sampling.prompt_bucket = 64
+    summary = run_generate(cfg)
+    answers = json.loads((tmp_path / "a.json").read_text())
+    assert [a["id"] for a in answers] == ["a", "b", "c", "d"]
+    assert summary["answered"] == 3 and answers[3]["answer"] is None
+    assert answers[3]["error"].startswith("video_")
+    assert all(isinstance(a["answer"], str) and a["answer"] for a in answers[:3])
+    # The video is read: two different videos (or none) give different answers to one question.
+    assert len({answers[0]["answer"], answers[1]["answer"], answers[2]["answer"]}) == 3

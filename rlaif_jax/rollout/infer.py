@@ -44,16 +44,27 @@ def vicuna_v1_prompt(question: str, with_video: bool) -> str:
 def render_prompt(question: str, template: str, with_video: bool) -> str:
     if template == "vicuna_v1":
         return vicuna_v1_prompt(question, with_video)
-    if template == "none":
-        return question
+    if template == "none":  # base language models: the question as it is (video first)
+        return f"{IMAGE_TOKEN}\n{question}" if with_video else question
     raise ValueError(f"template={template!r}: expected one of {list(TEMPLATES)}")
 
 
-def tokenize_prompt(text: str, tokenizer) -> list[int]:
-    """BOS, then the text's tokens (no EOS: the model continues it)."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+def tokenize_prompt(text: str, tokenizer, image_token_id: Optional[int] = None) -> list[int]:
+    """BOS, then the text's tokens (no EOS: the model continues it).
+
+    The text is split at `<image>` and each piece tokenised on its own (as LLaVA does), so the
+    placeholder is exactly one id, `image_token_id`, whatever the tokenizer.
+    """
     bos = tokenizer.bos_token_id
-    return ([bos] if bos is not None else []) + list(ids)
+    ids = [bos] if bos is not None else []
+    for index, piece in enumerate(text.split(IMAGE_TOKEN)):
+        if index:
+            if image_token_id is None:
+                raise ValueError("the prompt has <image> but the model takes no video")
+            ids.append(image_token_id)
+        if piece:
+            ids.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
+    return ids
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,6 +114,45 @@ def _left_pad(rows: list[list[int]], pad_id: int):
     return ids, mask
 
 
+def _make_batch(chunk, config, pad: int, vision: bool, model, skipped, answers):
+    """Static-shape batch for `chunk`: videos decoded now (an unreadable one is skipped and
+    counted), a short batch filled with copies of its last prompt. Returns (batch, kept chunk)."""
+    frames = []
+    if vision:
+        from rlaif_jax.data import video as video_io  # the data layer's decoder (issue 4)
+
+        size = model.config.vision.image_size
+        kept = []
+        for entry in chunk:
+            index, _, source = entry
+            if source is None:
+                frames.append(np.zeros((config.num_frames, size, size, 3), np.uint8))
+                kept.append(entry)
+                continue
+            try:
+                frames.append(video_io.load_frames(source, config.num_frames, size,
+                                                   config.video_root))
+                kept.append(entry)
+            except (video_io.VideoDecodeError, OSError) as error:
+                reason = f"video_{getattr(error, 'reason', 'unreadable')}"
+                answers[index]["error"] = reason
+                skipped[reason] += 1
+                logging.warning("generate: skipping %r: %s", answers[index]["id"], error)
+        chunk = kept
+    if not chunk:
+        return None, chunk
+    rows = [ids for _, ids, _ in chunk]
+    fill = config.batch_size - len(rows)
+    rows += [rows[-1]] * fill
+    input_ids, attention_mask = _left_pad(rows, pad)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if vision:
+        batch["frames"] = np.stack(frames + [frames[-1]] * fill)
+        has_video = [source is not None for _, _, source in chunk]
+        batch["has_video"] = np.asarray(has_video + [has_video[-1]] * fill)
+    return batch, chunk
+
+
 def _answer_text(tokens: np.ndarray, length: int, has_eos: bool, tokenizer) -> str:
     keep = tokens[: length - 1] if has_eos else tokens[:length]
     return tokenizer.decode(keep.tolist(), skip_special_tokens=True).strip()
@@ -133,47 +183,50 @@ def run_generate(config, tokenizer: Optional[Any] = None) -> dict:
     boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
     variables = {"params": su.shard_params(params, boxed["params"], mesh, rules)}
 
+    vision = getattr(decoder, "has_vision", False)
+    image_id = model.config.image_token_id if vision else None
     answers: list[dict] = []
     skipped: collections.Counter = collections.Counter()
-    pending: list[tuple[int, list[int]]] = []  # (index into answers, prompt ids)
+    pending: list[tuple[int, list[int], Any]] = []  # (index into answers, prompt ids, video)
     for item in items:
         record = {"id": item.get("id") if isinstance(item, dict) else None,
                   "question": item.get("question") if isinstance(item, dict) else None,
                   "answer": None}
         answers.append(record)
+        video = item.get("video") if isinstance(item, dict) else None
         reason = None
         if not isinstance(record["question"], str) or not record["question"].strip():
             reason = "no_question"
-        elif item.get("video") is not None and not getattr(decoder, "has_vision", False):
+        elif video is not None and not vision:
             reason = "video_but_model_has_no_vision"
         else:
-            ids = tokenize_prompt(render_prompt(record["question"], config.template, False),
-                                  tokenizer)
+            text = render_prompt(record["question"], config.template, video is not None)
+            ids = tokenize_prompt(text, tokenizer, image_id)
+            text_ids = [i for i in ids if i != image_id]
             if len(ids) > config.max_prompt_length:
                 reason = "prompt_too_long"
-            elif max(ids) >= llm.vocab_size:
+            elif max(text_ids) >= llm.vocab_size:
                 reason = "token_outside_model_vocabulary"
         if reason:
             record["error"] = reason
             skipped[reason] += 1
         else:
-            pending.append((len(answers) - 1, ids))
+            pending.append((len(answers) - 1, ids, video))
 
     key = jax.random.PRNGKey(config.seed)
     with tqdm.tqdm(total=len(items), desc="generate", unit="question") as bar:
         bar.update(len(items) - len(pending))  # skipped items are done
         for start in range(0, len(pending), config.batch_size):
             chunk = pending[start:start + config.batch_size]
-            rows = [ids for _, ids in chunk]
-            # Static shapes: a short last batch is filled with copies of its last prompt.
-            rows += [rows[-1]] * (config.batch_size - len(rows))
-            input_ids, attention_mask = _left_pad(rows, pad)
-            out = generate(decoder, variables,
-                           {"input_ids": input_ids, "attention_mask": attention_mask},
-                           jax.random.fold_in(key, start), sampling, mesh=mesh, rules=rules)
+            batch, chunk_kept = _make_batch(chunk, config, pad, vision, model, skipped, answers)
+            if not chunk_kept:
+                bar.update(len(chunk))
+                continue
+            out = generate(decoder, variables, batch, jax.random.fold_in(key, start), sampling,
+                           mesh=mesh, rules=rules)
             tokens, lengths, has_eos = (su.to_host(out.tokens), su.to_host(out.lengths),
                                         su.to_host(out.has_eos))
-            for row, (index, _) in enumerate(chunk):
+            for row, (index, _, _) in enumerate(chunk_kept):
                 answers[index]["answer"] = _answer_text(tokens[row], int(lengths[row]),
                                                         bool(has_eos[row]), tokenizer)
             bar.update(len(chunk))
@@ -181,7 +234,8 @@ def run_generate(config, tokenizer: Optional[Any] = None) -> dict:
     os.makedirs(os.path.dirname(os.path.abspath(config.output)), exist_ok=True)
     with open(config.output, "w") as f:
         json.dump(answers, f, indent=2, ensure_ascii=False)
-    summary = {"answered": len(pending), "skipped": dict(skipped), "output": config.output}
+    answered = sum(a["answer"] is not None for a in answers)
+    summary = {"answered": answered, "skipped": dict(skipped), "output": config.output}
     logging.info("generate: %s", summary)
     if skipped:
         logging.warning("generate: skipped %d of %d questions: %s", sum(skipped.values()),
