@@ -225,6 +225,14 @@ def test_sharded_on_eight_devices_matches_one_device(tiny):
         np.testing.assert_array_equal(single.tokens, multi.tokens)
         np.testing.assert_array_equal(single.mask, multi.mask)
         np.testing.assert_allclose(single.logprobs, multi.logprobs, rtol=1e-5, atol=1e-5)
+    # The KV cache [layers, rows, slots, kv_heads, head_dim] is constrained to rows over the
+    # batch axes and heads over 'tensor' inside the program (not left to propagation).
+    ids, mask = left_pad_to(batch["input_ids"], batch["attention_mask"], 16, 0)
+    with su.sharding_context(mesh, rules):
+        program = _generate_jit.lower(TextDecoder(model), sharded, ids, mask, None, None,
+                                      jax.random.PRNGKey(0), sampling=sampling, mesh=mesh,
+                                      rules=rules).as_text()
+    assert '[{}, {"data", "fsdp"}, {}, {"tensor"}, {}]' in program
     with pytest.raises(ValueError, match="multiple of the 4 batch shards"):
         generate(model, sharded, _prompts([3, 2]), jax.random.PRNGKey(0), sampling, mesh=mesh)
 
