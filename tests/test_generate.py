@@ -12,7 +12,6 @@ from rlaif_jax.rollout import sharding_utils as su
 from rlaif_jax.rollout.generate import (SamplingConfig, TextDecoder, _generate_jit, generate,
                                         left_pad_to, select_tokens, sequence_logprobs,
                                         top_k_filter, top_p_filter)
-from rlaif_jax.models.llama import Llama
 from tests.hf_reference import left_padded_batch, save_tiny_hf_llama
 
 VOCAB = 97
