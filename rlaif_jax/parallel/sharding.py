@@ -8,6 +8,7 @@ that a mesh axis does not divide is left unsharded (jit rejects uneven shardings
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -125,3 +126,36 @@ def check_replicated_share(abstract: Any, shardings: Any, mesh: Mesh, max_share:
             f"{share:.1%} of parameter bytes stay replicated on mesh {dict(mesh.shape)} (limit "
             f"{max_share:.0%}; largest: {top}); change the mesh sizes or the rules, or raise "
             "sharding.max_replicated_share")
+
+
+# The KV cache [layers, batch, slots, kv_heads, head_dim]: rows follow the batch, heads follow
+# the k/v projections' output (sharded over 'tensor'), so a decode step needs no resharding.
+CACHE_AXES = ("layers", "act_batch", "act_length", "act_heads", None)
+
+
+def shard_params(params: Any, abstract_boxed: Any, mesh: Mesh, rules: Rules) -> Any:
+    """Places raw (unboxed) params on the mesh following the logical axes of `abstract_boxed`."""
+    return jax.device_put(params, mesh_shardings(abstract_boxed, mesh, rules))
+
+
+def batch_divisor(mesh: Optional[Mesh]) -> int:
+    """How many shards the batch axis is split into (rows must be a multiple of it)."""
+    return 1 if mesh is None else _axes_size(mesh, BATCH_AXES)
+
+
+@contextlib.contextmanager
+def sharding_context(mesh: Optional[Mesh], rules: Rules):
+    """Activates the models' logical constraints (no-ops without a mesh and rules)."""
+    if mesh is None:
+        yield
+        return
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
+
+
+def constrain(x: Any, logical_axes: Sequence[Any], mesh: Optional[Mesh], rules: Rules) -> Any:
+    """`with_sharding_constraint` by logical names; identity when not sharded."""
+    if mesh is None:
+        return x
+    spec = nn.logical_to_mesh_axes(tuple(logical_axes), rules)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
