@@ -4,7 +4,8 @@ A conversation is the reference JSON's list of turns: `[{"from": "human"|"gpt", 
 It is rendered to one string (LLaVA's `vicuna_v1`), then tokenised chunk by chunk around each
 `<image>` so that the placeholder is exactly one id whatever the tokenizer. Labels come from
 character offsets: a token is trained on when it overlaps an assistant answer (its closing `</s>`
-included), so the mask is right for byte-level BPE and SentencePiece alike.
+included, and the space that leads into it), so the mask is right for byte-level BPE and
+SentencePiece alike.
 """
 from __future__ import annotations
 
@@ -18,7 +19,11 @@ from rlaif_jax.data import prompts
 IGNORE_INDEX = -100
 
 
-class PlaceholderWouldBeCut(ValueError):
+class TooLong(ValueError):
+    """An item that cannot be fitted to the length limit (the caller skips and counts it)."""
+
+
+class PlaceholderWouldBeCut(TooLong):
     """Truncating to the length limit would drop the `<image>` placeholder."""
 
 
@@ -74,7 +79,10 @@ def render(turns: Sequence[dict], system: str = prompts.VICUNA_V1_SYSTEM,
         if role == prompts.USER_ROLE:
             text += value + prompts.TURN_SEPARATOR
         else:
-            start = len(text)
+            # The span starts at the space after "ASSISTANT:": SentencePiece glues that space to
+            # the answer's first piece (or makes it a lone "▁" piece), which the model must learn
+            # to emit first since generation prompts end at "ASSISTANT:".
+            start = len(text) - 1
             text += value
             if not (is_last and open_last):
                 text += prompts.END_OF_ANSWER
@@ -164,6 +172,30 @@ def reward_model_turns(question_turn: dict, response: str) -> list[dict]:
     user, assistant_prefix = prompts.rm_evaluation_prompt()
     return [question_turn, {"from": "gpt", "value": response},
             {"from": "human", "value": user}, {"from": "gpt", "value": assistant_prefix}]
+
+
+def tokenize_for_reward_model(question_turn: dict, response: str, tokenizer,
+                              max_length: int | None = None) -> np.ndarray:
+    """Reward-model tokens of one candidate; an over-long response is cut, never the question
+    or the evaluation prompt, since the score is read at the very last token."""
+    text, spans = render(reward_model_turns(question_turn, response), open_last=True)
+    ids, offsets = tokenize_with_offsets(text, tokenizer)
+    ids_array = np.asarray(ids, np.int32)
+    check_ids_in_vocabulary(ids_array, tokenizer)
+    if max_length is None or len(ids) <= max_length:
+        return ids_array
+    start, end = spans[0]  # the response (with its </s>)
+    in_response = np.array([s < end and e > start for s, e in offsets])
+    response_positions = np.flatnonzero(in_response)
+    excess = len(ids) - max_length
+    # Drop the response's last tokens but keep its closing eos (the response ends cleanly).
+    keep_eos = ids[response_positions[-1]] == tokenizer.eos_token_id
+    if excess > len(response_positions) - int(keep_eos):
+        raise TooLong(
+            f"question and evaluation prompt alone exceed max_length={max_length}")
+    last_kept = response_positions[-1] - (1 if keep_eos else 0)
+    drop = np.arange(last_kept - excess + 1, last_kept + 1)
+    return np.delete(ids_array, drop)
 
 
 def video_question(question: str) -> dict:
