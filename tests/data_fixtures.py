@@ -91,7 +91,7 @@ def llama_tokenizer(tmp_path_factory, world_dir):
                   prompts.judge_prompt("q", "a", "b", "c"), *prompts.rm_evaluation_prompt()]
         model = io.BytesIO()
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(texts * 3), model_writer=model, vocab_size=300,
+            sentence_iterator=iter(texts * 3), model_writer=model, vocab_size=400,
             model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
             character_coverage=1.0, minloglevel=2)
         with open(os.path.join(out, "tokenizer.model"), "wb") as f:

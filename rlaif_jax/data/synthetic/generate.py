@@ -19,7 +19,7 @@ import os
 import numpy as np
 from tqdm import tqdm
 
-from rlaif_jax.data import prompts
+from rlaif_jax.data import conversation, prompts
 from rlaif_jax.data.conversation import video_question
 from rlaif_jax.data.synthetic import render, scorer, text, tokenizer, world
 
@@ -224,8 +224,8 @@ def _corpus(outputs: dict, descriptions: dict):
         yield described["context"]
     for items in outputs.values():
         for item in items:
-            for value in item.get("conversations", []):
-                yield value["value"]
+            if "conversations" in item:  # as the model sees them: template, roles and all
+                yield conversation.render(item["conversations"])[0]
             for key in ("question", "answer", "Q", "Q1", "Q2", "A"):
                 if key in item:
                     yield item[key]

@@ -5,13 +5,16 @@ pinned PyAV (its bundled FFmpeg and x264).
 """
 from __future__ import annotations
 
+import fractions
+
 import av
 import numpy as np
 
 from rlaif_jax.data.synthetic import world
 
 CRF = 12  # near-lossless: decoded frames stay within a few levels of what was drawn
-X264_OPTIONS = {"crf": str(CRF), "preset": "medium", "bframes": "0"}
+# No B-frames: decode order is display order, which keeps frame-accurate seeking simple.
+X264_OPTIONS = {"crf": str(CRF), "preset": "medium", "x264-params": "bframes=0"}
 
 
 def _shape_mask(shape: str, cx: float, cy: float, radius: float, size: int) -> np.ndarray:
@@ -46,15 +49,42 @@ def render_frames(truth: dict, frames: list[int] | None = None) -> np.ndarray:
     return video
 
 
+def rgb_to_yuv420p(frame: np.ndarray) -> np.ndarray:
+    """BT.601 limited-range conversion with 2x2 chroma averaging, as FFmpeg's default.
+
+    Done here (with explicit timestamps in `encode_mp4`) so that everything x264 is given is
+    fixed by the frames alone: with swscale's conversion and unset timestamps, the same world was
+    seen to encode to different bytes from run to run. Planes are stacked in PyAV's yuv420p
+    ndarray layout, [H * 3 / 2, W].
+    """
+    rgb = frame.astype(np.float64)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    y = 16 + (65.481 * r + 128.553 * g + 24.966 * b) / 255
+    cb = 128 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255
+    cr = 128 + (112.0 * r - 93.786 * g - 18.214 * b) / 255
+    height, width = frame.shape[:2]
+
+    def subsample(plane):
+        return plane.reshape(height // 2, 2, width // 2, 2).mean(axis=(1, 3))
+
+    chroma = np.concatenate([subsample(cb).reshape(-1), subsample(cr).reshape(-1)])
+    planes = np.concatenate([y.reshape(-1), chroma]).reshape(height * 3 // 2, width)
+    return np.clip(np.round(planes), 0, 255).astype(np.uint8)
+
+
 def encode_mp4(frames: np.ndarray, path: str, fps: int) -> None:
-    """Writes uint8 [T, H, W, 3] frames as an H.264 (yuv420p) mp4."""
+    """Writes uint8 [T, H, W, 3] frames (even H and W) as an H.264 (yuv420p) mp4."""
     height, width = frames.shape[1:3]
     with av.open(path, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps, options=dict(X264_OPTIONS))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.time_base = fractions.Fraction(1, fps)
         stream.codec_context.thread_count = 1  # threading may reorder x264's decisions
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+        for index, frame in enumerate(frames):
+            yuv = av.VideoFrame.from_ndarray(rgb_to_yuv420p(frame), format="yuv420p")
+            # Explicit timestamps: x264's rate control reads frame durations from them.
+            yuv.pts, yuv.time_base = index, fractions.Fraction(1, fps)
+            for packet in stream.encode(yuv):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
