@@ -44,8 +44,10 @@ def _build(tmp_path_factory, world_dir: str, kind: str, json_files: dict, name: 
     from rlaif_jax.data.build import build
 
     files = {split: os.path.join(world_dir, f) for split, f in json_files.items()}
+    # Items name paths relative to the world; QA files name videos found in world/videos.
+    video_root = os.path.join(world_dir, "videos") if kind == "qa" else world_dir
     return _once(tmp_path_factory, name,
-                 lambda out: build(kind, files, world_dir, out, num_frames=8, size=64,
+                 lambda out: build(kind, files, video_root, out, num_frames=8, size=64,
                                    verbose=False))
 
 
@@ -102,3 +104,68 @@ def llama_tokenizer(tmp_path_factory, world_dir):
                        "add_bos_token": True, "add_eos_token": False, "legacy": False}, f)
 
     return AutoTokenizer.from_pretrained(_once(tmp_path_factory, "llama_tokenizer", make))
+
+
+def write_mixed_items(world_dir: str, root: str) -> str:
+    """A video root and instruction JSON mixing good and bad items; returns the JSON path.
+
+    Expected: 4 kept (two items sharing one video, a frame-folder item, a text-only item) and
+    one skipped for each reason below.
+    """
+    import json
+
+    from PIL import Image
+
+    from rlaif_jax.data import video
+
+    os.makedirs(os.path.join(root, "frames", "clip"), exist_ok=True)
+    good = os.path.join(world_dir, "videos", "train_00000.mp4")
+    shutil.copy(good, os.path.join(root, "good.mp4"))
+    with open(os.path.join(root, "corrupt.mp4"), "wb") as f:
+        f.write(b"\x00\x00\x00\x18ftypmp42" + os.urandom(3000))
+    open(os.path.join(root, "empty.mp4"), "wb").close()
+    raw = video.load_frames(good, num_frames=8, size=64)
+    for i, frame in enumerate(raw):
+        Image.fromarray(frame).save(os.path.join(root, "frames", "clip", f"{i:04d}.png"))
+
+    def item(name, source, question="<image>\nWhat colour is the square?"):
+        entry = {"id": name, "conversations": [{"from": "human", "value": question},
+                                               {"from": "gpt", "value": "red"}]}
+        if source is not None:
+            entry["images"] = source
+        return entry
+
+    frame_list = [f"frames/clip/{i:04d}.png" for i in range(8)]
+    items = [
+        item("good_1", "good.mp4"),
+        item("good_2", "good.mp4", "<image>\nWhich way does the square move?"),
+        item("folder", frame_list),
+        item("text_only", None, "Which colour is a ripe tomato?"),
+        item("corrupt", "corrupt.mp4"),
+        item("empty", "empty.mp4"),
+        item("missing", "missing.mp4"),
+        item("no_placeholder", "good.mp4", "What colour is the square?"),
+        item("placeholder_no_video", None),
+        {"id": "malformed", "images": "good.mp4"},
+    ]
+    path = os.path.join(root, "mixed.json")
+    with open(path, "w") as f:
+        json.dump(items, f)
+    return path
+
+
+MIXED_SKIPS = {"corrupt": 1, "empty": 1, "missing": 1, "video_without_placeholder": 1,
+               "placeholder_without_video": 1, "malformed": 1}
+
+
+@pytest.fixture(scope="session")
+def mixed_data(tmp_path_factory, world_dir) -> str:
+    from rlaif_jax.data.build import build
+
+    def make(out: str) -> None:
+        root = os.path.join(out, "root")
+        json_path = write_mixed_items(world_dir, root)
+        build("instruction", {"train": json_path}, root, os.path.join(out, "data"),
+              num_frames=8, size=64, verbose=False)
+
+    return os.path.join(_once(tmp_path_factory, "build_mixed", make), "data")
