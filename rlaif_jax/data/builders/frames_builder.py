@@ -106,9 +106,9 @@ def _beam_decode(sources: list, num_frames: int, size: int, status_path: str):
     def decode_all(root):
         decoded = (root | "Sources" >> beam.Create(list(enumerate(sources)))
                    | "Reshuffle" >> beam.Reshuffle()  # spread the decoding over workers
-                   | "Decode" >> beam.MapTuple(decode_record, num_frames, size))
+                   | "Decode" >> beam.Map(lambda job: decode_record(*job, num_frames, size)))
         # The build needs every video's status; Beam writes them next to the data.
-        _ = (decoded | "Status" >> beam.MapTuple(lambda k, e: json.dumps({"id": k, **status_of(e)}))
+        _ = (decoded | "Status" >> beam.Map(lambda kv: json.dumps({"id": kv[0], **status_of(kv[1])}))
              | "WriteStatus" >> beam.io.WriteToText(status_path, file_name_suffix=".jsonl"))
         return decoded
 
