@@ -169,6 +169,20 @@ def test_curriculum_is_a_schedule_of_splits(instruction_data, world_tokenizer): 
         curriculum.locate(5)
 
 
+def test_long_items_are_truncated_or_dropped_and_counted(instruction_data, world_tokenizer):  # noqa: F811
+    full = Pipeline(instruction_data, "long", world_tokenizer, batch_size=2, max_length=512)
+    assert full.num_truncated == 0 and not full.skipped
+    cut = Pipeline(instruction_data, "long", world_tokenizer, batch_size=2, max_length=64)
+    assert cut.num_examples == full.num_examples and cut.num_truncated > 0
+    batch = cut.batch(0)
+    image_id = conversation.image_token_id(world_tokenizer)
+    assert ((batch["input_ids"] == image_id).sum(axis=1) == 1).all()  # never cut away
+    tiny = Pipeline(instruction_data, "long", world_tokenizer, batch_size=2, max_length=80)
+    assert not tiny.skipped  # the placeholder sits at about token 36
+    with pytest.raises(ValueError, match="no usable examples"):
+        Pipeline(instruction_data, "long", world_tokenizer, batch_size=2, max_length=20)
+
+
 def test_fewer_frames_than_stored_are_resampled(instruction_data, world_tokenizer):  # noqa: F811
     pipe = Pipeline(instruction_data, "short", world_tokenizer, batch_size=2, max_length=96,
                     num_frames=3)

@@ -116,6 +116,25 @@ def tokenize_with_offsets(text: str, tokenizer, add_bos: bool = True
     return ids, offsets
 
 
+def token_counts(texts: Sequence[str], tokenizer, add_bos: bool = True) -> list[int]:
+    """len(tokenize_with_offsets(text)[0]) of each text ("" counts 0), in one batched call."""
+    chunks, owners = [], []
+    counts = []
+    for position, text in enumerate(texts):
+        parts = text.split(prompts.IMAGE_TOKEN) if text else []
+        bos = int(add_bos and tokenizer.bos_token_id is not None and bool(text))
+        counts.append(bos + max(0, len(parts) - 1))
+        for part in parts:
+            if part:
+                chunks.append(part)
+                owners.append(position)
+    if chunks:
+        encoded = tokenizer(chunks, add_special_tokens=False)["input_ids"]
+        for owner, ids in zip(owners, encoded):
+            counts[owner] += len(ids)
+    return counts
+
+
 def _truncate(ids: np.ndarray, labels: np.ndarray, max_length: int | None, image_id: int):
     if max_length is None or len(ids) <= max_length:
         return ids, labels, False

@@ -59,8 +59,10 @@ class VideoFrames(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             description="Frames decoded once per video, sampled with linspace, padded to "
                         "square and resized.",
             features=tfds.features.FeaturesDict({
+                # Stored as raw bytes: the default encoding writes one int64 per pixel.
                 "frames": tfds.features.Tensor(shape=(None, self._size, self._size, 3),
-                                               dtype=np.uint8),
+                                               dtype=np.uint8,
+                                               encoding=tfds.features.Encoding.BYTES),
                 "ok": tfds.features.Scalar(dtype=np.bool_),
                 "source": tfds.features.Text(),
                 "backend": tfds.features.Text(),
