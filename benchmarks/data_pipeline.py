@@ -157,8 +157,12 @@ def bench_input_wait(world: str, work: str, batch_size: int, max_length: int, st
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num_train", type=int, default=160)
-    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--frames", type=int, default=8, help="frames sampled a video")
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--long_source_frames", type=int, default=64,
+                        help="also measure decoding on videos this long at --long_size px "
+                             "(0 to skip): decoding, not overheads, then dominates")
+    parser.add_argument("--long_size", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--max_length", type=int, default=128)
     parser.add_argument("--steps", type=int, default=40)
@@ -171,10 +175,20 @@ def main(argv=None) -> None:
         world = os.path.join(work, "world")
         generate_world(world, num_train=args.num_train, num_eval=4, frames=args.frames,
                        size=args.size, seed=0, progress=False)
-        print(json.dumps(bench_decode(world, work, args.frames, args.size, args.batch_size,
-                                      args.max_length, args.workers)), flush=True)
+        result = bench_decode(world, work, args.frames, args.size, args.batch_size,
+                              args.max_length, args.workers)
+        print(json.dumps({"source_frames": args.frames, **result}), flush=True)
         print(json.dumps(bench_input_wait(world, work, args.batch_size, args.max_length,
                                           args.steps, args.workers)), flush=True)
+    if args.long_source_frames:
+        with tempfile.TemporaryDirectory() as work:
+            world = os.path.join(work, "world")
+            generate_world(world, num_train=args.num_train // 2, num_eval=4,
+                           frames=args.long_source_frames, size=args.long_size, seed=0,
+                           progress=False)
+            result = bench_decode(world, work, args.frames, args.long_size, args.batch_size,
+                                  args.max_length, args.workers)
+            print(json.dumps({"source_frames": args.long_source_frames, **result}), flush=True)
 
 
 if __name__ == "__main__":

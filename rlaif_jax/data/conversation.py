@@ -36,9 +36,11 @@ class Tokenized:
 
 def image_token_id(tokenizer) -> int:
     """The `<image>` id: the tokenizer's own special token, else the first id past its vocabulary."""
-    vocab = tokenizer.get_vocab()
-    if prompts.IMAGE_TOKEN in vocab:
-        return int(vocab[prompts.IMAGE_TOKEN])
+    # convert_tokens_to_ids, not get_vocab(): this runs for every item and get_vocab builds a dict.
+    found = tokenizer.convert_tokens_to_ids(prompts.IMAGE_TOKEN)
+    if found is not None and (found != tokenizer.unk_token_id
+                              or tokenizer.unk_token == prompts.IMAGE_TOKEN):
+        return int(found)
     return len(tokenizer)
 
 
@@ -90,30 +92,45 @@ def render(turns: Sequence[dict], system: str = prompts.VICUNA_V1_SYSTEM,
     return text, answer_spans
 
 
-def tokenize_with_offsets(text: str, tokenizer, add_bos: bool = True
-                          ) -> tuple[list[int], list[tuple[int, int]]]:
-    """Token ids and their character spans; each `<image>` becomes one placeholder id.
+def tokenize_many_with_offsets(texts: Sequence[str], tokenizer, add_bos: bool = True
+                               ) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """Token ids and their character spans of each text; each `<image>` becomes one id.
 
-    Like LLaVA's `tokenizer_image_token`: the text is split at the placeholder and each chunk
-    tokenised on its own, so a tokenizer without an `<image>` token gets the out-of-vocabulary id.
+    Like LLaVA's `tokenizer_image_token`: a text is split at the placeholder and each chunk
+    tokenised on its own, so a tokenizer without an `<image>` token gets the out-of-vocabulary
+    id. All chunks of all texts go to the tokenizer in one batched call.
     """
     image_id = image_token_id(tokenizer)
-    ids: list[int] = []
-    offsets: list[tuple[int, int]] = []
-    if add_bos and tokenizer.bos_token_id is not None:
-        ids.append(int(tokenizer.bos_token_id))
-        offsets.append((0, 0))
-    cursor = 0
-    for index, chunk in enumerate(text.split(prompts.IMAGE_TOKEN)):
-        if index > 0:
-            ids.append(image_id)
-            offsets.append((cursor - len(prompts.IMAGE_TOKEN), cursor))
-        if chunk:
-            encoded = tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=True)
-            ids.extend(encoded["input_ids"])
-            offsets.extend((cursor + s, cursor + e) for s, e in encoded["offset_mapping"])
-        cursor += len(chunk) + len(prompts.IMAGE_TOKEN)
-    return ids, offsets
+    split_texts = [text.split(prompts.IMAGE_TOKEN) for text in texts]
+    chunks = [chunk for parts in split_texts for chunk in parts if chunk]
+    encoded = tokenizer(chunks, add_special_tokens=False, return_offsets_mapping=True) \
+        if chunks else {"input_ids": [], "offset_mapping": []}
+    encoded_chunks = iter(zip(encoded["input_ids"], encoded["offset_mapping"]))
+    results = []
+    for parts in split_texts:
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        if add_bos and tokenizer.bos_token_id is not None:
+            ids.append(int(tokenizer.bos_token_id))
+            offsets.append((0, 0))
+        cursor = 0
+        for index, chunk in enumerate(parts):
+            if index > 0:
+                ids.append(image_id)
+                offsets.append((cursor - len(prompts.IMAGE_TOKEN), cursor))
+            if chunk:
+                chunk_ids, chunk_offsets = next(encoded_chunks)
+                ids.extend(chunk_ids)
+                offsets.extend((cursor + a, cursor + b) for a, b in chunk_offsets)
+            cursor += len(chunk) + len(prompts.IMAGE_TOKEN)
+        results.append((ids, offsets))
+    return results
+
+
+def tokenize_with_offsets(text: str, tokenizer, add_bos: bool = True
+                          ) -> tuple[list[int], list[tuple[int, int]]]:
+    """tokenize_many_with_offsets for one text."""
+    return tokenize_many_with_offsets([text], tokenizer, add_bos)[0]
 
 
 def token_counts(texts: Sequence[str], tokenizer, add_bos: bool = True) -> list[int]:
@@ -151,19 +168,28 @@ def tokenize_conversation(turns: Sequence[dict], tokenizer, max_length: int | No
     Over-long conversations are cut at the end; raises PlaceholderWouldBeCut rather than cut the
     placeholder (the caller skips and counts the item).
     """
-    text, spans = render(turns, open_last=open_last)
-    ids, offsets = tokenize_with_offsets(text, tokenizer)
-    ids_array = np.asarray(ids, np.int32)
-    labels = np.full(len(ids), IGNORE_INDEX, np.int32)
-    if train_on_answers:
-        for position, (start, end) in enumerate(offsets):
-            if end > start and any(start < b and end > a for a, b in spans):
-                labels[position] = ids[position]
+    return tokenize_conversations([turns], tokenizer, max_length, open_last, train_on_answers)[0]
+
+
+def tokenize_conversations(conversations: Sequence[Sequence[dict]], tokenizer,
+                           max_length: int | None = None, open_last: bool = False,
+                           train_on_answers: bool = True) -> list[Tokenized]:
+    """tokenize_conversation of many conversations, with one batched tokenizer call."""
+    rendered = [render(turns, open_last=open_last) for turns in conversations]
+    tokenized = tokenize_many_with_offsets([text for text, _ in rendered], tokenizer)
     image_id = image_token_id(tokenizer)
-    labels[ids_array == image_id] = IGNORE_INDEX
-    check_ids_in_vocabulary(ids_array, tokenizer)
-    ids_array, labels, truncated = _truncate(ids_array, labels, max_length, image_id)
-    return Tokenized(ids_array, labels, truncated)
+    results = []
+    for (_, spans), (ids, offsets) in zip(rendered, tokenized):
+        ids_array = np.asarray(ids, np.int32)
+        labels = np.full(len(ids), IGNORE_INDEX, np.int32)
+        if train_on_answers:
+            for position, (start, end) in enumerate(offsets):
+                if end > start and any(start < b and end > a for a, b in spans):
+                    labels[position] = ids[position]
+        labels[ids_array == image_id] = IGNORE_INDEX
+        check_ids_in_vocabulary(ids_array, tokenizer)
+        results.append(Tokenized(*_truncate(ids_array, labels, max_length, image_id)))
+    return results
 
 
 def first_human_turn(turns: Sequence[dict]) -> dict:

@@ -213,7 +213,10 @@ class Pipeline:
         ignore = conversation.IGNORE_INDEX
         if self.kind == "instruction":
             empty = conversation.Tokenized(np.zeros(0, np.int32), np.zeros(0, np.int32))
-            rows = [self._tokenize(r) if ok else empty for r, ok in zip(records, valid)]
+            tokenized = iter(conversation.tokenize_conversations(
+                [_turns(r) for r, ok in zip(records, valid) if ok], self.tokenizer,
+                self.max_length))
+            rows = [next(tokenized) if ok else empty for ok in valid]
             batch["input_ids"] = _pad([r.input_ids for r in rows], L, pad, left=False)
             batch["labels"] = _pad([r.labels for r in rows], L, ignore, left=False)
             batch["attention_mask"] = _pad([np.ones_like(r.input_ids) for r in rows], L, 0,
