@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
 import json
 import os
-import shutil
 import time
 
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from rlaif_jax.data.builders import frames_builder, items_builder, items_json
@@ -41,17 +40,22 @@ def _beam_config(beam_runner: str | None, beam_options: str | None):
     return tfds.download.DownloadConfig(beam_runner=beam_runner, beam_options=options)
 
 
+def _remove_tree(path: str) -> None:
+    if tf.io.gfile.exists(path):
+        tf.io.gfile.rmtree(path)
+
+
 def _prepare(builder, download_config, out_dir: str) -> None:
     downloads = os.path.join(out_dir, "downloads")  # tfds makes it; nothing is downloaded
     builder.download_and_prepare(download_dir=downloads,
                                  download_config=download_config or tfds.download.DownloadConfig())
-    shutil.rmtree(downloads, ignore_errors=True)
+    _remove_tree(downloads)
 
 
 def _read_beam_statuses(status_path: str) -> dict[int, dict]:
-    statuses = {}
-    for path in sorted(glob.glob(status_path + "*")):
-        with open(path) as f:
+    statuses = {}  # tf.io.gfile: the output may be on a bucket (gs://...) with a remote runner
+    for path in sorted(tf.io.gfile.glob(status_path + "*")):
+        with tf.io.gfile.GFile(path) as f:
             for line in f:
                 if line.strip():
                     record = json.loads(line)
@@ -65,13 +69,13 @@ def build(kind: str, json_files: dict[str, str], video_root: str, out_dir: str,
     """Builds DATA_DIR; returns (and writes to build.json) what was built and what was skipped."""
     if kind not in items_json.KINDS:
         raise ValueError(f"--kind must be one of {items_json.KINDS}, not {kind!r}")
-    if os.path.exists(os.path.join(out_dir, BUILD_INFO)):
+    if tf.io.gfile.exists(os.path.join(out_dir, BUILD_INFO)):
         if not overwrite:
             raise FileExistsError(f"{out_dir} already holds a build; pass --overwrite")
         for sub in ("video_frames", "items", "video_status"):
-            shutil.rmtree(os.path.join(out_dir, sub), ignore_errors=True)
-        os.remove(os.path.join(out_dir, BUILD_INFO))
-    os.makedirs(out_dir, exist_ok=True)
+            _remove_tree(os.path.join(out_dir, sub))
+        tf.io.gfile.remove(os.path.join(out_dir, BUILD_INFO))
+    tf.io.gfile.makedirs(out_dir)
     started = time.time()
     download_config = _beam_config(beam_runner, beam_options)
 
@@ -145,8 +149,8 @@ def build(kind: str, json_files: dict[str, str], video_root: str, out_dir: str,
         "items_dir": f"items/{kind}/1.0.0" if kept else None,
         "beam_runner": beam_runner, "seconds": round(time.time() - started, 2),
     }
-    with open(os.path.join(out_dir, BUILD_INFO), "w") as f:
-        json.dump(info, f, indent=1)
+    with tf.io.gfile.GFile(os.path.join(out_dir, BUILD_INFO), "w") as f:
+        f.write(json.dumps(info, indent=1))
     if verbose:
         print(json.dumps({"built": info["splits"], "skipped": info["skipped"],
                           "videos": info["videos"], "seconds": info["seconds"]}))

@@ -6,6 +6,7 @@ import json
 import os
 
 import numpy as np
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from rlaif_jax.data.build import BUILD_INFO
@@ -34,11 +35,11 @@ class BuiltData:
 
     def __init__(self, data_dir: str):
         path = os.path.join(data_dir, BUILD_INFO)
-        if not os.path.exists(path):
+        if not tf.io.gfile.exists(path):  # local or a bucket (gs://...)
             raise FileNotFoundError(f"{data_dir} is not a build (no {BUILD_INFO}); "
                                     "run python -m rlaif_jax.data.build first")
-        with open(path) as f:
-            self.info = json.load(f)
+        with tf.io.gfile.GFile(path) as f:
+            self.info = json.loads(f.read())
         self.data_dir = data_dir
         self.kind: str = self.info["kind"]
         self.splits = {s: n for s, n in self.info["splits"].items() if n > 0}

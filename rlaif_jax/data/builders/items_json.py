@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from rlaif_jax.data import prompts
@@ -23,8 +24,8 @@ NO_VIDEO = -1
 
 
 def load_items(json_path: str) -> list:
-    """A JSON list, or JSON lines (one object a line)."""
-    with open(json_path) as f:
+    """A JSON list, or JSON lines (one object a line); local or on a bucket (gs://...)."""
+    with tf.io.gfile.GFile(json_path) as f:
         text = f.read()
     stripped = text.lstrip()
     if stripped.startswith("["):
