@@ -54,10 +54,8 @@ def test_labels_only_on_assistant_tokens(tokenizer):
     answers = [tokenizer.decode(ids[a:b]) for a, b in runs]
     assert [a.strip() for a in answers] == ["red</s>", "it does not move</s>"]
     assert all(ids[b - 1] == tokenizer.eos_token_id for _, b in runs)
-    for position in np.flatnonzero(~trained):
-        piece = tokenizer.decode([int(ids[position])]) if ids[position] != image_id else "<image>"
-        assert "red" not in piece and "move" not in piece or position < runs[0][0] or \
-            runs[0][1] <= position < runs[1][0], piece
+    between = tokenizer.decode(ids[runs[0][1]:runs[1][0]]).strip()
+    assert between == "USER: Which way does the circle move? ASSISTANT:"
     before_first = tokenizer.decode([int(i) for i in ids[1:runs[0][0]] if i != image_id])
     assert before_first.rstrip().endswith("ASSISTANT:")
     assert "USER:" in before_first and prompts.VICUNA_V1_SYSTEM[:20] in before_first
