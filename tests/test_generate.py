@@ -8,7 +8,10 @@ import pytest
 import torch
 
 import rlaif_jax
-from rlaif_jax.rollout import sharding_utils as su
+from jax.sharding import PartitionSpec
+
+from rlaif_jax.parallel import sharding as su
+from rlaif_jax.parallel.mesh import make_mesh
 from rlaif_jax.rollout.generate import (SamplingConfig, TextDecoder, _generate_jit, generate,
                                         left_pad_to, select_tokens, sequence_logprobs,
                                         top_k_filter, top_p_filter)
@@ -206,12 +209,12 @@ def test_bucketing_pads_left_without_changing_outputs(tiny):
 def test_sharded_on_eight_devices_matches_one_device(tiny):
     _, model, variables = tiny
     assert jax.device_count() == 8
-    mesh = su.make_mesh(data=2, fsdp=2, tensor=2)
-    rules = su.GENERATION_RULES
+    mesh = make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+    rules = su.DEFAULT_RULES
     boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
     sharded = {"params": su.shard_params(variables["params"], boxed["params"], mesh, rules)}
     q_kernel = sharded["params"]["layers"]["self_attn"]["q_proj"]["kernel"]
-    assert q_kernel.sharding.spec == su.PartitionSpec(None, "fsdp", "tensor")
+    assert q_kernel.sharding.spec == PartitionSpec(None, "fsdp", "tensor")
     batch = _prompts([9, 3, 6, 5], seed=7)
     for sampling in (SamplingConfig(max_new_tokens=8, temperature=0.0, eos_token_id=None,
                                     prompt_bucket=16),

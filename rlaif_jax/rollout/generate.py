@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlaif_jax.models.llama import Llama, LlamaConfig, LlamaOutput, init_cache, positions_from_mask
-from rlaif_jax.rollout import sharding_utils as su
+from rlaif_jax.parallel import sharding as su
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,14 +333,14 @@ _generate_jit = jax.jit(_generate_core, static_argnames=("decoder", "sampling", 
 
 def generate(model, variables: dict, batch: dict, rng: jax.Array, sampling: SamplingConfig,
              *, video_tokens: Optional[jax.Array] = None, mesh=None,
-             rules=su.GENERATION_RULES) -> Generation:
+             rules=su.DEFAULT_RULES) -> Generation:
     """Samples `sampling.num_samples` continuations of each left-padded prompt in `batch`.
 
     model: a `Llama` (or a decoder adapter); variables: {'params': ...[, 'lora': adapter]}.
     batch: `input_ids` / `attention_mask` [B, L] left-padded (DESIGN.md's batch), and for a video
     model `has_video` [B] with either `frames` or precomputed `video_tokens` (so the n samples and
     PPO's later passes reuse one encoding). With a `mesh`, params must already be placed on it
-    (`sharding_utils.shard_params`); B must be a multiple of the batch axes' size.
+    (`parallel.sharding.shard_params`); B must be a multiple of the batch axes' size.
     """
     decoder = decoder_for(model)
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
@@ -361,11 +361,11 @@ def generate(model, variables: dict, batch: dict, rng: jax.Array, sampling: Samp
               None if video_tokens is None else jnp.asarray(video_tokens),
               None if has_video is None else jnp.asarray(has_video, bool)]
     if mesh is not None:
-        divisor = su.batch_divisor(mesh, rules)
+        divisor = su.batch_divisor(mesh)
         if input_ids.shape[0] % divisor:
             raise ValueError(f"batch of {input_ids.shape[0]} prompts is not a multiple of the "
                              f"{divisor} batch shards of the mesh")
-        arrays = [None if a is None else jax.device_put(a, su.batch_sharding(mesh, rules, a.ndim))
+        arrays = [None if a is None else jax.device_put(a, su.batch_sharding(mesh, a.ndim))
                   for a in arrays]
     with su.sharding_context(mesh, rules):
         return _generate_jit(decoder, variables, *arrays, rng, sampling=sampling,

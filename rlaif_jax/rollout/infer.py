@@ -21,7 +21,9 @@ import numpy as np
 import tqdm
 
 import rlaif_jax
-from rlaif_jax.rollout import sharding_utils as su
+
+from rlaif_jax.parallel import sharding as su
+from rlaif_jax.parallel.mesh import make_mesh
 from rlaif_jax.rollout.generate import SamplingConfig, decoder_for, generate
 
 # ---------------------------------------------------------------------------------------------
@@ -174,9 +176,9 @@ def run_generate(config, tokenizer: Optional[Any] = None) -> dict:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else llm.pad_token_id
     sampling = sampling.replace(eos_token_id=eos, pad_token_id=pad)
 
-    mesh = su.make_mesh(**config.mesh.to_dict())
-    rules = su.GENERATION_RULES
-    divisor = su.batch_divisor(mesh, rules)
+    mesh = make_mesh(config.mesh.to_dict())
+    rules = su.DEFAULT_RULES
+    divisor = su.batch_divisor(mesh)
     if config.batch_size % divisor:
         raise ValueError(f"config.batch_size={config.batch_size} is not a multiple of the mesh's "
                          f"{divisor} batch shards (config.mesh={config.mesh.to_dict()})")
@@ -224,8 +226,8 @@ def run_generate(config, tokenizer: Optional[Any] = None) -> dict:
                 continue
             out = generate(decoder, variables, batch, jax.random.fold_in(key, start), sampling,
                            mesh=mesh, rules=rules)
-            tokens, lengths, has_eos = (su.to_host(out.tokens), su.to_host(out.lengths),
-                                        su.to_host(out.has_eos))
+            tokens, lengths, has_eos = (np.asarray(out.tokens), np.asarray(out.lengths),
+                                        np.asarray(out.has_eos))
             for row, (index, _, _) in enumerate(chunk_kept):
                 answers[index]["answer"] = _answer_text(tokens[row], int(lengths[row]),
                                                         bool(has_eos[row]), tokenizer)

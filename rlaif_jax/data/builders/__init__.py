@@ -1,0 +1,1 @@
+"""tfds builders (array_record, read by index) of decoded frames and of checked items."""

@@ -1,0 +1,262 @@
+"""The vicuna_v1 chat template, tokenisation around the `<image>` placeholder, and label masks.
+
+A conversation is the reference JSON's list of turns: `[{"from": "human"|"gpt", "value": str}]`.
+It is rendered to one string (LLaVA's `vicuna_v1`), then tokenised chunk by chunk around each
+`<image>` so that the placeholder is exactly one id whatever the tokenizer. Labels come from
+character offsets: a token is trained on when it overlaps an assistant answer (its closing `</s>`
+included, and the space that leads into it), so the mask is right for byte-level BPE and
+SentencePiece alike.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from rlaif_jax.data import prompts
+
+IGNORE_INDEX = -100
+
+
+class TooLong(ValueError):
+    """An item that cannot be fitted to the length limit (the caller skips and counts it)."""
+
+
+class PlaceholderWouldBeCut(TooLong):
+    """Truncating to the length limit would drop the `<image>` placeholder."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenized:
+    input_ids: np.ndarray  # int32 [n]
+    labels: np.ndarray  # int32 [n], IGNORE_INDEX where no loss
+    truncated: bool = False
+
+
+def image_token_id(tokenizer) -> int:
+    """The `<image>` id: the tokenizer's own special token, else the first id past its vocabulary."""
+    # convert_tokens_to_ids, not get_vocab(): this runs for every item and get_vocab builds a dict.
+    found = tokenizer.convert_tokens_to_ids(prompts.IMAGE_TOKEN)
+    if found is not None and (found != tokenizer.unk_token_id
+                              or tokenizer.unk_token == prompts.IMAGE_TOKEN):
+        return int(found)
+    return len(tokenizer)
+
+
+def vocabulary_size(tokenizer) -> int:
+    return len(tokenizer)
+
+
+def check_ids_in_vocabulary(ids: np.ndarray, tokenizer) -> None:
+    """A JAX gather clamps out-of-range ids silently, so every non-placeholder id is checked here."""
+    image_id = image_token_id(tokenizer)
+    text_ids = ids[ids != image_id]
+    if text_ids.size and (text_ids.min() < 0 or text_ids.max() >= vocabulary_size(tokenizer)):
+        raise ValueError(
+            f"token ids outside [0, {vocabulary_size(tokenizer)}): "
+            f"min {text_ids.min()}, max {text_ids.max()}"
+        )
+
+
+def render(turns: Sequence[dict], system: str = prompts.VICUNA_V1_SYSTEM,
+           open_last: bool = False) -> tuple[str, list[tuple[int, int]]]:
+    """Renders turns with vicuna_v1; returns the text and the character spans of the answers.
+
+    `open_last=True` leaves the final assistant turn open (no `</s>`), for generation prompts and
+    the reward model's score prefix; a final assistant turn with value None renders "ASSISTANT:".
+    """
+    text = system + prompts.TURN_SEPARATOR
+    answer_spans = []
+    for position, turn in enumerate(turns):
+        role = prompts.ROLE_NAMES[turn["from"]]
+        value = turn["value"]
+        is_last = position == len(turns) - 1
+        if value is None:
+            if not (is_last and role == prompts.ASSISTANT_ROLE):
+                raise ValueError("only a final assistant turn may be empty")
+            text += f"{role}:"
+            break
+        text += f"{role}: "
+        if role == prompts.USER_ROLE:
+            text += value + prompts.TURN_SEPARATOR
+        else:
+            # The span starts at the space after "ASSISTANT:": SentencePiece glues that space to
+            # the answer's first piece (or makes it a lone "▁" piece), which the model must learn
+            # to emit first since generation prompts end at "ASSISTANT:".
+            start = len(text) - 1
+            text += value
+            if not (is_last and open_last):
+                text += prompts.END_OF_ANSWER
+            answer_spans.append((start, len(text)))
+    return text, answer_spans
+
+
+def tokenize_many_with_offsets(texts: Sequence[str], tokenizer, add_bos: bool = True
+                               ) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """Token ids and their character spans of each text; each `<image>` becomes one id.
+
+    Like LLaVA's `tokenizer_image_token`: a text is split at the placeholder and each chunk
+    tokenised on its own, so a tokenizer without an `<image>` token gets the out-of-vocabulary
+    id. All chunks of all texts go to the tokenizer in one batched call.
+    """
+    image_id = image_token_id(tokenizer)
+    split_texts = [text.split(prompts.IMAGE_TOKEN) for text in texts]
+    chunks = [chunk for parts in split_texts for chunk in parts if chunk]
+    encoded = tokenizer(chunks, add_special_tokens=False, return_offsets_mapping=True) \
+        if chunks else {"input_ids": [], "offset_mapping": []}
+    encoded_chunks = iter(zip(encoded["input_ids"], encoded["offset_mapping"]))
+    results = []
+    for parts in split_texts:
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        if add_bos and tokenizer.bos_token_id is not None:
+            ids.append(int(tokenizer.bos_token_id))
+            offsets.append((0, 0))
+        cursor = 0
+        for index, chunk in enumerate(parts):
+            if index > 0:
+                ids.append(image_id)
+                offsets.append((cursor - len(prompts.IMAGE_TOKEN), cursor))
+            if chunk:
+                chunk_ids, chunk_offsets = next(encoded_chunks)
+                ids.extend(chunk_ids)
+                offsets.extend((cursor + a, cursor + b) for a, b in chunk_offsets)
+            cursor += len(chunk) + len(prompts.IMAGE_TOKEN)
+        results.append((ids, offsets))
+    return results
+
+
+def tokenize_with_offsets(text: str, tokenizer, add_bos: bool = True
+                          ) -> tuple[list[int], list[tuple[int, int]]]:
+    """tokenize_many_with_offsets for one text."""
+    return tokenize_many_with_offsets([text], tokenizer, add_bos)[0]
+
+
+def token_counts(texts: Sequence[str], tokenizer, add_bos: bool = True) -> list[int]:
+    """len(tokenize_with_offsets(text)[0]) of each text ("" counts 0), in one batched call."""
+    chunks, owners = [], []
+    counts = []
+    for position, text in enumerate(texts):
+        parts = text.split(prompts.IMAGE_TOKEN) if text else []
+        bos = int(add_bos and tokenizer.bos_token_id is not None and bool(text))
+        counts.append(bos + max(0, len(parts) - 1))
+        for part in parts:
+            if part:
+                chunks.append(part)
+                owners.append(position)
+    if chunks:
+        encoded = tokenizer(chunks, add_special_tokens=False)["input_ids"]
+        for owner, ids in zip(owners, encoded):
+            counts[owner] += len(ids)
+    return counts
+
+
+def _truncate(ids: np.ndarray, labels: np.ndarray, max_length: int | None, image_id: int):
+    if max_length is None or len(ids) <= max_length:
+        return ids, labels, False
+    if np.any(ids[max_length:] == image_id):
+        raise PlaceholderWouldBeCut(
+            f"the <image> placeholder lies past max_length={max_length}")
+    return ids[:max_length], labels[:max_length], True
+
+
+def tokenize_conversation(turns: Sequence[dict], tokenizer, max_length: int | None = None,
+                          open_last: bool = False, train_on_answers: bool = True) -> Tokenized:
+    """Training tokens: the whole conversation, labels on the assistants' answers only.
+
+    Over-long conversations are cut at the end; raises PlaceholderWouldBeCut rather than cut the
+    placeholder (the caller skips and counts the item).
+    """
+    return tokenize_conversations([turns], tokenizer, max_length, open_last, train_on_answers)[0]
+
+
+def tokenize_conversations(conversations: Sequence[Sequence[dict]], tokenizer,
+                           max_length: int | None = None, open_last: bool = False,
+                           train_on_answers: bool = True) -> list[Tokenized]:
+    """tokenize_conversation of many conversations, with one batched tokenizer call."""
+    rendered = [render(turns, open_last=open_last) for turns in conversations]
+    tokenized = tokenize_many_with_offsets([text for text, _ in rendered], tokenizer)
+    image_id = image_token_id(tokenizer)
+    results = []
+    for (_, spans), (ids, offsets) in zip(rendered, tokenized):
+        ids_array = np.asarray(ids, np.int32)
+        labels = np.full(len(ids), IGNORE_INDEX, np.int32)
+        if train_on_answers:
+            for position, (start, end) in enumerate(offsets):
+                if end > start and any(start < b and end > a for a, b in spans):
+                    labels[position] = ids[position]
+        labels[ids_array == image_id] = IGNORE_INDEX
+        check_ids_in_vocabulary(ids_array, tokenizer)
+        results.append(Tokenized(*_truncate(ids_array, labels, max_length, image_id)))
+    return results
+
+
+def first_human_turn(turns: Sequence[dict]) -> dict:
+    for turn in turns:
+        if turn["from"] == "human":
+            return turn
+    raise ValueError("the conversation has no human turn")
+
+
+def tokenize_prompt(question_turn: dict | str, tokenizer) -> np.ndarray:
+    """A generation prompt: system, the one human turn, then "ASSISTANT:" (no truncation)."""
+    if isinstance(question_turn, str):
+        question_turn = {"from": "human", "value": question_turn}
+    text, _ = render([question_turn, {"from": "gpt", "value": None}])
+    ids = np.asarray(tokenize_with_offsets(text, tokenizer)[0], np.int32)
+    check_ids_in_vocabulary(ids, tokenizer)
+    return ids
+
+
+def reward_model_turns(question_turn: dict, response: str) -> list[dict]:
+    """A conversation scored by the reward model: question, response, then the evaluation prompt.
+
+    Tokenise it with `open_last=True`; the score is read at the last token.
+    """
+    user, assistant_prefix = prompts.rm_evaluation_prompt()
+    return [question_turn, {"from": "gpt", "value": response},
+            {"from": "human", "value": user}, {"from": "gpt", "value": assistant_prefix}]
+
+
+def tokenize_for_reward_model(question_turn: dict, response: str, tokenizer,
+                              max_length: int | None = None) -> np.ndarray:
+    """Reward-model tokens of one candidate; an over-long response is cut, never the question
+    or the evaluation prompt, since the score is read at the very last token."""
+    text, spans = render(reward_model_turns(question_turn, response), open_last=True)
+    ids, offsets = tokenize_with_offsets(text, tokenizer)
+    ids_array = np.asarray(ids, np.int32)
+    check_ids_in_vocabulary(ids_array, tokenizer)
+    if max_length is None or len(ids) <= max_length:
+        return ids_array
+    start, end = spans[0]  # the response (with its </s>)
+    in_response = np.array([s < end and e > start for s, e in offsets])
+    response_positions = np.flatnonzero(in_response)
+    excess = len(ids) - max_length
+    # Drop the response's last tokens but keep its closing eos (the response ends cleanly).
+    keep_eos = ids[response_positions[-1]] == tokenizer.eos_token_id
+    if excess > len(response_positions) - int(keep_eos):
+        raise TooLong(
+            f"question and evaluation prompt alone exceed max_length={max_length}")
+    last_kept = response_positions[-1] - (1 if keep_eos else 0)
+    drop = np.arange(last_kept - excess + 1, last_kept + 1)
+    return np.delete(ids_array, drop)
+
+
+def video_question(question: str) -> dict:
+    """A human turn about a video: the placeholder, a newline, then the question (as LLaVA)."""
+    return {"from": "human", "value": f"{prompts.IMAGE_TOKEN}\n{question}"}
+
+
+def judge_choice_token_ids(tokenizer) -> tuple[int, ...]:
+    """Ids of the judge's labels as they follow "ASSISTANT:"; each label must be a single token."""
+    base = tokenize_prompt("x", tokenizer)
+    choice_ids = []
+    for choice in prompts.JUDGE_CHOICES:
+        text, _ = render([{"from": "human", "value": "x"}, {"from": "gpt", "value": choice}],
+                         open_last=True)
+        ids = tokenize_with_offsets(text, tokenizer)[0]
+        if len(ids) != len(base) + 1 or list(ids[:len(base)]) != list(base):
+            raise ValueError(f"judge label {choice!r} is not a single token after 'ASSISTANT:'")
+        choice_ids.append(int(ids[-1]))
+    return tuple(choice_ids)
