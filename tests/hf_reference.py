@@ -89,13 +89,19 @@ def save_tiny_hf_clip_vision(directory, seed: int = 0, **overrides) -> transform
     return model
 
 
+# Head size 64 as in every OpenAI CLIP ViT (original LLaVA configs do not name the head count).
+TINY_LLAVA_VISION = dict(hidden_size=128, num_attention_heads=2, intermediate_size=160,
+                         num_hidden_layers=2)
+
+
 def save_tiny_hf_llava(directory, seed: int = 0, image_token_index: int = 96, vision=None,
                        **text_overrides) -> transformers.LlavaForConditionalGeneration:
     """A tiny LlavaForConditionalGeneration whose placeholder id sits inside the vocabulary."""
     torch.manual_seed(seed)
     text = tiny_hf_llama_config(**text_overrides).to_dict()
+    vision = dict(TINY_LLAVA_VISION, **(vision or {}))
     config = transformers.LlavaConfig(
-        vision_config=tiny_hf_clip_vision_config(**(vision or {})).to_dict(), text_config=text,
+        vision_config=tiny_hf_clip_vision_config(**vision).to_dict(), text_config=text,
         image_token_index=image_token_index, vision_feature_layer=-2,
         vision_feature_select_strategy="default", projector_hidden_act="gelu")
     config._attn_implementation = "eager"

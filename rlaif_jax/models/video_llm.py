@@ -50,12 +50,16 @@ class VideoLLMConfig:
     projector_bias: bool = True
     pooling: str = "spatiotemporal"
     num_frames: int = 50  # frames a video is sampled to by the data layer
-    image_token_id: int = 32000  # the <image> placeholder; may lie past the vocabulary
+    # The <image> placeholder; may lie past the vocabulary. None (e.g. in a preset) resolves to
+    # llm.vocab_size, the first id past the vocabulary, when the config is built.
+    image_token_id: Optional[int] = 32000
     freeze_vision: bool = True  # no gradient through CLIP (SPEC.md: the tower is frozen)
     reward_head: bool = False
     value_head: bool = False
 
     def __post_init__(self):
+        if self.image_token_id is None:
+            object.__setattr__(self, "image_token_id", self.llm.vocab_size)
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling={self.pooling!r}: expected one of {POOLINGS}")
         projector_depth(self.projector_type)  # raises on an unknown type
