@@ -250,7 +250,9 @@ def test_mixed_batch_rows_get_the_logits_they_get_alone(video_model):
     frames[~has_video] = 0
     batch = dict(input_ids=ids, attention_mask=mask, frames=frames, has_video=has_video)
     validate_batch(batch, model.config)
-    together = apply({"params": params}, ids, mask, frames=frames, has_video=has_video,
+    # Video tokens computed once and reused (the rows alone below start from the frames).
+    tokens = apply({"params": params}, frames, method=VideoLLM.encode_video)
+    together = apply({"params": params}, ids, mask, has_video=has_video, video_tokens=tokens,
                      return_expanded=True)
     n = 3 + PATCHES
     # Text-only rows keep their pads at the front of the expanded sequence.
@@ -267,11 +269,6 @@ def test_mixed_batch_rows_get_the_logits_they_get_alone(video_model):
             llm = llm_apply({"params": params["llm"]}, ids[row:row + 1],
                             attention_mask=mask[row:row + 1]).logits
             np.testing.assert_allclose(alone.logits[0][keep], llm[0][keep], rtol=1e-5, atol=1e-5)
-
-    # Video tokens computed once and reused give the same logits.
-    tokens = apply({"params": params}, frames, method=VideoLLM.encode_video)
-    reused = apply({"params": params}, ids, mask, has_video=has_video, video_tokens=tokens)
-    np.testing.assert_allclose(reused.logits, together.logits, rtol=1e-6, atol=1e-6)
 
     # The sampler's path: prepare_inputs, then the LLM on the expanded sequence.
     embeds, emask, positions = apply({"params": params}, ids, mask, tokens, has_video,
