@@ -1,0 +1,404 @@
+"""KV-cache sampling under jit: prefill a left-padded prompt batch, then decode in one loop.
+
+Shape of one call (B prompts, n samples each, P prompt slots after bucketing, T new tokens):
+
+1. Prefill: the B prompts run once through the decoder, writing a KV cache of P slots. Positions
+   come from the padding mask, so left padding is invisible to the model.
+2. The prefill cache (and its last logits) are repeated n times along the batch axis: sample j of
+   prompt i is row i * n + j, and the prompt, its video tokens included, is never recomputed.
+   The decode cache [layers, B * n, P + T - 1, kv_heads, head_dim] is allocated once per call and
+   sharded over the mesh's batch axes (heads over 'tensor').
+3. Decode: one `lax.while_loop` whose carry holds the cache, the token / log-prob / mask buffers,
+   the done flags, the RNG and the step. Step t feeds token t-1 at cache slot P + t - 1 (the
+   layers write it with `dynamic_update_slice` into the carried buffer, in place) at position
+   (the row's real prompt length) + t - 1, and samples token t. The loop stops when every row
+   has produced its EOS or after `max_new_tokens`.
+
+Log-probs are `log_softmax(logits / temperature)` of the chosen token over the full vocabulary:
+what PPO recomputes from a full forward over the sampled sequence. top-k / top-p only restrict
+which token is drawn, they do not renormalise the returned log-prob. Greedy decoding
+(temperature 0) returns `log_softmax(logits)` (the temperature-1 convention).
+
+The model side is a small adapter (`TextDecoder`, and later the video LLM's), so the loop does
+not care whether the prompt embeddings hold video tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlaif_jax.models.llama import Llama, LlamaConfig, LlamaOutput, init_cache, positions_from_mask
+from rlaif_jax.rollout import sharding_utils as su
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings and result
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample. Hashable: it is a static argument of the jitted decode."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0: greedy (argmax)
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    num_samples: int = 1  # samples per prompt, adjacent rows
+    eos_token_id: Optional[int] = 2  # None: never stop before max_new_tokens
+    pad_token_id: int = 0
+    prompt_bucket: int = 64  # prompts are left-padded to a multiple of this (fewer recompiles)
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature}: must be >= 0 (0 is greedy)")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k}: must be >= 0 (0 is off)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p}: must be in (0, 1] (1 is off)")
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples={self.num_samples}: must be >= 1")
+        if self.prompt_bucket < 1:
+            raise ValueError(f"prompt_bucket={self.prompt_bucket}: must be >= 1")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def replace(self, **changes) -> "SamplingConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@flax.struct.dataclass
+class Generation:
+    """Sampled continuations, right-padded to max_new_tokens; row i * n + j = sample j of prompt i."""
+
+    tokens: jax.Array  # [B*n, T] int32, pad_token_id after the end
+    logprobs: jax.Array  # [B*n, T] float32, log_softmax(logits / temperature)[token], 0 at pads
+    mask: jax.Array  # [B*n, T] int32, 1 on generated tokens up to and including EOS
+    lengths: jax.Array  # [B*n] int32, number of generated tokens (EOS included)
+    has_eos: jax.Array  # [B*n] bool, whether the row ended with EOS
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoder adapters: how a model turns a prompt batch into prefill embeddings, and runs its LLM.
+
+
+@dataclasses.dataclass(frozen=True)
+class TextDecoder:
+    """A plain LLaMA: prefill embeddings are the token embeddings, the mask is the prompt mask."""
+
+    model: Llama
+
+    @property
+    def llm_config(self) -> LlamaConfig:
+        return self.model.config
+
+    @property
+    def has_vision(self) -> bool:
+        return False
+
+    def prefill_inputs(self, variables, input_ids, attention_mask, video_tokens=None,
+                       has_video=None):
+        del video_tokens, has_video  # a text model has no vision
+        embeds = self.model.apply(variables, input_ids, method=Llama.embed)
+        return embeds, attention_mask
+
+    def run_llm(self, variables, **kwargs) -> LlamaOutput:
+        return self.model.apply(variables, **kwargs)
+
+    def logits(self, variables, hidden):
+        return self.model.apply(variables, hidden, method=Llama.logits)
+
+    def full_logits(self, variables, input_ids, attention_mask, video_tokens=None,
+                    has_video=None):
+        """Teacher-forced logits [B, L, V] over a whole sequence (no cache)."""
+        del video_tokens, has_video
+        return self.model.apply(variables, input_ids, attention_mask=attention_mask).logits
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoDecoder:
+    """The video LLM (issue 3's fixed interface): `prepare_inputs` splices the video tokens in
+    place of the `<image>` placeholder, giving [B, L+N-1] prefill embeddings and their mask; the
+    decode steps run its `llm` submodule on plain token ids."""
+
+    model: Any
+
+    @property
+    def llm_config(self) -> LlamaConfig:
+        return self.model.config.llm
+
+    @property
+    def has_vision(self) -> bool:
+        return True
+
+    def encode_video(self, variables, frames):
+        return _encode_video_jit(self, variables, jnp.asarray(frames))
+
+    def prefill_inputs(self, variables, input_ids, attention_mask, video_tokens=None,
+                       has_video=None):
+        embeds, mask, _ = self.model.apply(variables, input_ids, attention_mask, video_tokens,
+                                           has_video, method="prepare_inputs")
+        return embeds, mask
+
+    def run_llm(self, variables, **kwargs) -> LlamaOutput:
+        return self.model.apply(variables, method=lambda module, **kw: module.llm(**kw), **kwargs)
+
+    def logits(self, variables, hidden):
+        return self.model.apply(variables, hidden,
+                                method=lambda module, h: module.llm.logits(h))
+
+    def full_logits(self, variables, input_ids, attention_mask, video_tokens=None,
+                    has_video=None):
+        """Teacher-forced logits aligned with input_ids (the video LLM's own forward)."""
+        return self.model.apply(variables, input_ids, attention_mask, has_video=has_video,
+                                video_tokens=video_tokens).logits
+
+
+def _encode_video(decoder, variables, frames):
+    return decoder.model.apply(variables, frames, method="encode_video")
+
+
+_encode_video_jit = jax.jit(_encode_video, static_argnames=("decoder",))
+
+
+def decoder_for(model: Any):
+    """The adapter for a model (an adapter is passed through unchanged)."""
+    if isinstance(model, Llama):
+        return TextDecoder(model)
+    if hasattr(model, "prefill_inputs") and hasattr(model, "run_llm"):
+        return model
+    if isinstance(model, nn.Module) and all(
+            hasattr(model, name) for name in ("prepare_inputs", "encode_video")):
+        return VideoDecoder(model)
+    raise TypeError(f"generation does not know how to decode with {type(model).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Token selection
+
+
+def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
+    """Keeps the k largest logits of each row (ties with the k-th kept too), -inf elsewhere."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]
+    return jnp.where(logits < kth, -jnp.inf, logits)
+
+
+def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
+    """Nucleus: keeps the smallest set of top tokens whose probability reaches p (at least one)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = mass_before < p  # the first token is always kept (mass before it is 0)
+    num_kept = jnp.sum(keep, axis=-1, keepdims=True)
+    threshold = jnp.take_along_axis(sorted_logits, num_kept - 1, axis=-1)
+    return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def select_tokens(logits: jax.Array, key: jax.Array, sampling: SamplingConfig):
+    """(tokens [R] int32, log-probs [R] float32) from logits [R, V]."""
+    logits = logits.astype(jnp.float32)
+    if sampling.greedy:
+        tokens = jnp.argmax(logits, axis=-1)
+        logprobs = jax.nn.log_softmax(logits, axis=-1)
+    else:
+        scaled = logits / sampling.temperature
+        logprobs = jax.nn.log_softmax(scaled, axis=-1)
+        candidates = top_p_filter(top_k_filter(scaled, sampling.top_k), sampling.top_p)
+        tokens = jax.random.categorical(key, candidates, axis=-1)
+    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    return tokens.astype(jnp.int32), chosen
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt bucketing
+
+
+def bucket_length(length: int, bucket: int) -> int:
+    return max(bucket, -(-length // bucket) * bucket)
+
+
+def left_pad_to(input_ids, attention_mask, length: int, pad_token_id: int):
+    """Adds padding columns on the left so prompts have `length` slots (positions unchanged)."""
+    extra = length - input_ids.shape[1]
+    if extra < 0:
+        raise ValueError(f"prompts of {input_ids.shape[1]} slots do not fit in {length}")
+    if extra == 0:
+        return input_ids, attention_mask
+    xp = np if isinstance(input_ids, np.ndarray) else jnp
+    input_ids = xp.pad(input_ids, ((0, 0), (extra, 0)), constant_values=pad_token_id)
+    attention_mask = xp.pad(attention_mask, ((0, 0), (extra, 0)), constant_values=0)
+    return input_ids, attention_mask
+
+
+# ---------------------------------------------------------------------------------------------
+# The jitted prefill + decode
+
+
+def _repeat_rows(x: jax.Array, n: int, axis: int = 0) -> jax.Array:
+    return x if n == 1 else jnp.repeat(x, n, axis=axis)
+
+
+def _generate_core(decoder, variables, input_ids, attention_mask, video_tokens, has_video, rng,
+                   sampling: SamplingConfig, mesh, rules) -> Generation:
+    cfg = decoder.llm_config
+    n, new = sampling.num_samples, sampling.max_new_tokens
+    pad, eos = sampling.pad_token_id, sampling.eos_token_id
+
+    # Prefill the B prompts once, into a cache of exactly the prompt's slots.
+    embeds, prompt_mask = decoder.prefill_inputs(variables, input_ids, attention_mask,
+                                                 video_tokens, has_video)
+    prompt_mask = prompt_mask.astype(jnp.int32)
+    batch, prompt_slots = prompt_mask.shape
+    prefill_cache = su.constrain(init_cache(cfg, batch, prompt_slots), su.CACHE_AXES, mesh, rules)
+    out = decoder.run_llm(
+        variables, inputs_embeds=embeds, attention_mask=prompt_mask,
+        position_ids=positions_from_mask(prompt_mask), cache=prefill_cache,
+        cache_index=jnp.zeros((), jnp.int32), compute_logits=False)
+    # Left padding puts every row's last real token in the last slot.
+    first_logits = decoder.logits(variables, out.last_hidden_state[:, -1:])[:, 0]
+
+    # n samples per prompt: repeat the prompt's cache, never recompute it. The decode cache has
+    # one slot per generated token except the last (which is sampled, never fed back).
+    rows = batch * n
+    total_slots = prompt_slots + new - 1
+    cache = jax.tree.map(
+        lambda c: jnp.pad(_repeat_rows(c, n, axis=1),
+                          ((0, 0), (0, 0), (0, total_slots - prompt_slots), (0, 0), (0, 0))),
+        out.cache)
+    cache = su.constrain(cache, su.CACHE_AXES, mesh, rules)
+    first_logits = _repeat_rows(first_logits, n)
+    prompt_mask = _repeat_rows(prompt_mask, n)
+    prompt_lengths = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)
+    # Generated slots are real; causality (query slot >= key slot) hides the ones not yet written.
+    cache_mask = jnp.concatenate([prompt_mask, jnp.ones((rows, new - 1), jnp.int32)], axis=1)
+    cache_mask = su.constrain(cache_mask, ("act_batch", None), mesh, rules)
+
+    def record(state, step, tokens, logprobs):
+        out_tokens, out_logprobs, out_mask, done = state
+        live = ~done
+        out_tokens = jax.lax.dynamic_update_slice(
+            out_tokens, jnp.where(live, tokens, pad)[:, None], (0, step))
+        out_logprobs = jax.lax.dynamic_update_slice(
+            out_logprobs, jnp.where(live, logprobs, 0.0)[:, None], (0, step))
+        out_mask = jax.lax.dynamic_update_slice(
+            out_mask, live.astype(jnp.int32)[:, None], (0, step))
+        if eos is not None:
+            done = done | (tokens == eos)
+        return out_tokens, out_logprobs, out_mask, done
+
+    state = (jnp.full((rows, new), pad, jnp.int32), jnp.zeros((rows, new), jnp.float32),
+             jnp.zeros((rows, new), jnp.int32), jnp.zeros((rows,), bool))
+    rng, key = jax.random.split(rng)
+    tokens, logprobs = select_tokens(first_logits, key, sampling)
+    state = record(state, 0, tokens, logprobs)
+
+    def keep_going(carry):
+        step, _, _, state, _ = carry
+        return (step < new) & ~jnp.all(state[3])
+
+    def decode_step(carry):
+        step, previous, cache, state, rng = carry
+        slot = prompt_slots + step - 1
+        out = decoder.run_llm(
+            variables, input_ids=previous[:, None], attention_mask=cache_mask,
+            position_ids=(prompt_lengths + step - 1)[:, None], cache=cache, cache_index=slot)
+        cache = su.constrain(out.cache, su.CACHE_AXES, mesh, rules)
+        rng, key = jax.random.split(rng)
+        tokens, logprobs = select_tokens(out.logits[:, 0], key, sampling)
+        return step + 1, tokens, cache, record(state, step, tokens, logprobs), rng
+
+    carry = (jnp.ones((), jnp.int32), tokens, cache, state, rng)
+    _, _, _, (out_tokens, out_logprobs, out_mask, done), _ = jax.lax.while_loop(
+        keep_going, decode_step, carry)
+    return Generation(tokens=out_tokens, logprobs=out_logprobs, mask=out_mask,
+                      lengths=jnp.sum(out_mask, axis=-1).astype(jnp.int32), has_eos=done)
+
+
+_generate_jit = jax.jit(_generate_core, static_argnames=("decoder", "sampling", "mesh", "rules"))
+
+
+def generate(model, variables: dict, batch: dict, rng: jax.Array, sampling: SamplingConfig,
+             *, video_tokens: Optional[jax.Array] = None, mesh=None,
+             rules=su.GENERATION_RULES) -> Generation:
+    """Samples `sampling.num_samples` continuations of each left-padded prompt in `batch`.
+
+    model: a `Llama` (or a decoder adapter); variables: {'params': ...[, 'lora': adapter]}.
+    batch: `input_ids` / `attention_mask` [B, L] left-padded (DESIGN.md's batch), and for a video
+    model `has_video` [B] with either `frames` or precomputed `video_tokens` (so the n samples and
+    PPO's later passes reuse one encoding). With a `mesh`, params must already be placed on it
+    (`sharding_utils.shard_params`); B must be a multiple of the batch axes' size.
+    """
+    decoder = decoder_for(model)
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    if input_ids.shape != attention_mask.shape or input_ids.ndim != 2:
+        raise ValueError(f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} "
+                         "must both be [batch, length]")
+    has_video = batch.get("has_video")
+    if video_tokens is None:
+        video_tokens = batch.get("video_tokens")
+    if decoder.has_vision and video_tokens is None and batch.get("frames") is not None:
+        video_tokens = decoder.encode_video(variables, batch["frames"])
+    if not decoder.has_vision and has_video is not None and np.any(np.asarray(has_video)):
+        raise ValueError("the batch has videos but the model has no vision encoder")
+    input_ids, attention_mask = left_pad_to(
+        input_ids, attention_mask, bucket_length(input_ids.shape[1], sampling.prompt_bucket),
+        sampling.pad_token_id)
+    arrays = [jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32),
+              None if video_tokens is None else jnp.asarray(video_tokens),
+              None if has_video is None else jnp.asarray(has_video, bool)]
+    if mesh is not None:
+        divisor = su.batch_divisor(mesh, rules)
+        if input_ids.shape[0] % divisor:
+            raise ValueError(f"batch of {input_ids.shape[0]} prompts is not a multiple of the "
+                             f"{divisor} batch shards of the mesh")
+        arrays = [None if a is None else jax.device_put(a, su.batch_sharding(mesh, rules, a.ndim))
+                  for a in arrays]
+    with su.sharding_context(mesh, rules):
+        return _generate_jit(decoder, variables, *arrays, rng, sampling=sampling,
+                             mesh=mesh, rules=tuple(rules) if mesh is not None else None)
+
+
+def sequence_logprobs(model, variables: dict, batch: dict, generation: Generation,
+                      num_samples: int, temperature: float, *,
+                      video_tokens: Optional[jax.Array] = None) -> jax.Array:
+    """Log-probs of the generated tokens recomputed by one full forward over prompt + response.
+
+    What PPO relies on (and how it recomputes them, without the cache). `batch` holds the
+    prompts as given to `generate` (`input_ids`, `attention_mask`, and `has_video` with
+    `video_tokens` for a video model). Returns [B*n, T] float32
+    `log_softmax(logits / temperature)` of each generated token (temperature 0 read as 1),
+    zero where the generation's mask is 0.
+    """
+    decoder = decoder_for(model)
+    if video_tokens is None:
+        video_tokens = batch.get("video_tokens")
+    prompt_ids = _repeat_rows(jnp.asarray(batch["input_ids"], jnp.int32), num_samples)
+    prompt_mask = _repeat_rows(jnp.asarray(batch["attention_mask"], jnp.int32), num_samples)
+    has_video = batch.get("has_video")
+    if has_video is not None:
+        has_video = _repeat_rows(jnp.asarray(has_video, bool), num_samples)
+    if video_tokens is not None:
+        video_tokens = _repeat_rows(jnp.asarray(video_tokens), num_samples)
+    ids = jnp.concatenate([prompt_ids, generation.tokens], axis=1)
+    mask = jnp.concatenate([prompt_mask, generation.mask], axis=1)
+    logits = decoder.full_logits(variables, ids, mask, video_tokens, has_video)
+    prompt_slots, new = prompt_ids.shape[1], generation.tokens.shape[1]
+    # The logit at index s predicts the token at index s + 1.
+    logits = logits[:, prompt_slots - 1: prompt_slots - 1 + new]
+    logp = jax.nn.log_softmax(logits / (temperature or 1.0), axis=-1)
+    chosen = jnp.take_along_axis(logp, generation.tokens[..., None], axis=-1)[..., 0]
+    return jnp.where(generation.mask.astype(bool), chosen, 0.0)
