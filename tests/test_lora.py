@@ -160,6 +160,15 @@ def test_named_adapters_share_one_base_without_copying_it(llama, logits_fn):
     with pytest.raises(KeyError, match="no adapter 'value'"):
         bank.variables("value")
 
+    # Nor does the traced program build W + BA: no op outputs a targeted kernel's shape, which a
+    # merged forward does.
+    shapes = _kernel_shapes(params)
+    forward = jax.make_jaxpr(lambda b: b.apply(model, "policy", IDS, attention_mask=MASK).logits)
+    assert _ops_producing(forward(bank).jaxpr, shapes) == []
+    merged_forward = jax.make_jaxpr(
+        lambda p, a: model.apply({"params": merge_lora(p, a, LORA)}, IDS, attention_mask=MASK))
+    assert "add" in _ops_producing(merged_forward(params, policy).jaxpr, shapes)
+
 
 def test_video_llm_adapter_lives_in_the_llm_and_exports_merged(tmp_path):
     directory = str(tmp_path / "llava")

@@ -22,7 +22,7 @@ from rlaif_jax.models.video_llm import (BatchError, VideoLLM, VideoLLMConfig,
                                         map_reference_image_token, pool_video_tokens,
                                         validate_batch)
 from tests.hf_reference import (TINY_LLAVA_VISION, assert_close_scaled, clip_pixel_values,
-                                random_frames, save_tiny_hf_llava, tiny_hf_clip_vision_config)
+                                random_frames, save_tiny_hf_llava)
 
 IMAGE_ID = 96  # inside the tiny vocabulary (97), as llava-hf adds <image> to its tokenizer
 PATCHES = 16  # 32 px images, 8 px patches
@@ -320,7 +320,8 @@ def _batch(**changes):
 
 
 @pytest.mark.parametrize("changes,message", [
-    (dict(has_video=np.array([False, False])), r"more <image> placeholders \(1\) than videos \(0\)"),
+    (dict(has_video=np.array([False, False])),
+     r"more <image> placeholders \(1\) than videos \(0\)"),
     (dict(input_ids=np.array([[3, IMAGE_ID, 5, 6], [3, IMAGE_ID, 7, 8]], np.int32)),
      r"more <image> placeholders \(2\) than videos \(1\): row 1"),
     (dict(frames=None), r"more <image> placeholders \(1\) than videos \(0\)"),
@@ -342,7 +343,8 @@ def test_validate_batch_fails_clearly(image_model, changes, message):
 
 def test_presets_and_video_llava_7b_parameter_count():
     tiny = VideoLLMConfig.from_dict(models.get_config("video_tiny"))
-    assert (tiny.num_frames, tiny.pooling, tiny.projector_type) == (8, "spatiotemporal", "mlp2x_gelu")
+    assert tiny.num_frames == 8 and tiny.pooling == "spatiotemporal"
+    assert tiny.projector_type == "mlp2x_gelu"
     assert tiny.image_token_id == tiny.llm.vocab_size and tiny.num_video_tokens == 8 + 16
     big = VideoLLMConfig.from_dict(models.get_config("video_llava_7b"))
     assert (big.num_frames, big.num_video_tokens, big.llm.hidden_size) == (50, 50 + 576, 4096)

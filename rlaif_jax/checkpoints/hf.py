@@ -385,7 +385,8 @@ def _find_prefix(reader: SafetensorsReader, candidates, probe: str) -> Optional[
 def _read_config(directory: str) -> dict:
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
-        raise CheckpointError(f"{directory}: no config.json; expected a Hugging Face model directory")
+        raise CheckpointError(
+            f"{directory}: no config.json; expected a Hugging Face model directory")
     with open(path) as f:
         return json.load(f)
 

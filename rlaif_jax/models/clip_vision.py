@@ -60,13 +60,15 @@ class ClipVisionConfig:
             raise ValueError(
                 f"hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}")
         if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act={self.hidden_act!r}: expected one of {sorted(ACTIVATIONS)}")
+            raise ValueError(
+                f"hidden_act={self.hidden_act!r}: expected one of {sorted(ACTIVATIONS)}")
         if self.select_feature not in SELECT_FEATURES:
             raise ValueError(
                 f"select_feature={self.select_feature!r}: expected one of {SELECT_FEATURES}")
         if not -(self.num_layers + 1) <= self.select_layer <= self.num_layers:
-            raise ValueError(f"select_layer={self.select_layer} is outside the "
-                             f"{self.num_layers + 1} hidden states of a {self.num_layers}-layer tower")
+            raise ValueError(
+                f"select_layer={self.select_layer} is outside the {self.num_layers + 1} hidden "
+                f"states of a {self.num_layers}-layer tower")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(
                 f"remat_policy={self.remat_policy!r}: expected one of {sorted(REMAT_POLICIES)}")
@@ -224,7 +226,8 @@ class ClipVision(nn.Module):
         cfg = self.config
         width = cfg.hidden_size
         self.class_embedding = self.param(
-            "class_embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
+            "class_embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
             (width,), cfg.weight_dtype)
         # HWIO conv kernel: [patch, patch, channels, width]; a patch's pixels flatten row-major.
         self.patch_embedding = self.param(
@@ -297,5 +300,6 @@ class ClipVision(nn.Module):
         if cfg.select_feature == "patch":
             selected = selected[:, 1:]
         hidden_states = tuple([x] + layer_outputs) if self.output_hidden_states else None
-        return ClipVisionOutput(last_hidden_state=last, pooler_output=self.post_layernorm(last[:, 0]),
-                                features=selected, hidden_states=hidden_states)
+        return ClipVisionOutput(
+            last_hidden_state=last, pooler_output=self.post_layernorm(last[:, 0]),
+            features=selected, hidden_states=hidden_states)

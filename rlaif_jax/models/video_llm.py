@@ -23,7 +23,7 @@ Bad token ids cannot raise inside jit (and a JAX gather clamps an out-of-range i
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Optional
 
 import flax.linen as nn
 import flax.struct
@@ -147,8 +147,9 @@ def splice_video_tokens(text_embeds: jax.Array, attention_mask: jax.Array,
     from_text = ~in_video & (source >= 0)
     source = jnp.clip(source, 0, length - 1)
     text_part = jnp.take_along_axis(text_embeds, source[..., None], axis=1)
+    video_index = jnp.clip(slots - start, 0, n - 1)
     video_part = jnp.take_along_axis(
-        video_tokens.astype(text_embeds.dtype), jnp.clip(slots - start, 0, n - 1)[..., None], axis=1)
+        video_tokens.astype(text_embeds.dtype), video_index[..., None], axis=1)
     embeds = jnp.where(in_video[..., None], video_part,
                        jnp.where(from_text[..., None], text_part, jnp.zeros_like(text_part)))
     mask = jnp.where(in_video, 1,
