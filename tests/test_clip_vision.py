@@ -141,3 +141,13 @@ def test_tiny_preset_builds_and_runs():
     out = jax.jit(model.apply)(variables, frames)
     assert out.features.shape == (2, config.num_patches, config.hidden_size)
     assert np.all(np.isfinite(out.features))
+
+
+def test_bf16_compute_stays_close_to_fp32(hf_clip, images, hf_outputs):
+    model, params = rlaif_jax.from_pretrained(hf_clip[0], dtype="bfloat16")
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))  # fp32 master weights
+    features = jax.jit(model.apply)({"params": params}, images).features
+    assert features.dtype == jnp.bfloat16
+    ref = hf_outputs.hidden_states[-2][:, 1:].numpy()
+    err = np.max(np.abs(np.asarray(features, np.float32) - ref))
+    assert err < 0.05 * np.max(np.abs(ref)), err
