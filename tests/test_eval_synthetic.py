@@ -83,3 +83,46 @@ def test_tiny_model_end_to_end_on_the_world(world, tmp_path, monkeypatch):
 
     monkeypatch.setattr(infer, "QuestionAnswerer", no_loading)
     assert run_eval(c)["tasks"] == results["tasks"]
+
+
+def test_video_llm_reads_the_world_videos(world, tmp_path):
+    """A tiny random video LLM answers with the world's videos (8 frames each), not blind; one
+    unreadable video is skipped and counted, never fatal."""
+    import jax
+    import jax.numpy as jnp
+    import transformers
+
+    import rlaif_jax
+    from rlaif_jax.data.conversation import image_token_id
+    from rlaif_jax.models.clip_vision import ClipVisionConfig
+    from rlaif_jax.models.llama import LlamaConfig
+    from rlaif_jax.models.video_llm import VideoLLM, VideoLLMConfig
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(world / "tokenizer"))
+    image_id = image_token_id(tokenizer)
+    config = VideoLLMConfig(
+        vision=ClipVisionConfig(image_size=28, patch_size=14, hidden_size=32,
+                                intermediate_size=64, num_layers=1, num_heads=2),
+        llm=LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_layers=1,
+                        num_heads=2, max_position_embeddings=512),
+        num_frames=8, image_token_id=image_id)
+    model = VideoLLM(config)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32),
+                                    frames=jnp.zeros((1, 8, 28, 28, 3), jnp.uint8),
+                                    has_video=jnp.ones((1,), bool))
+    rlaif_jax.save_pretrained(model, variables["params"], str(tmp_path / "llava"),
+                              layout="original")
+    # One item points at a video that does not exist.
+    generic = json.loads((world / "eval_generic.json").read_text())
+    generic.append({"video_name": "missing_video", "Q": generic[0]["Q"], "A": generic[0]["A"]})
+    (tmp_path / "generic.json").write_text(json.dumps(generic))
+    c = eval_config.get_config()
+    c.init, c.tokenizer, c.world = str(tmp_path / "llava"), str(world / "tokenizer"), str(world)
+    c.tasks.generic = str(tmp_path / "generic.json")
+    c.output_dir = str(tmp_path / "out")
+    c.sampling.max_new_tokens = 4
+    results = run_eval(c)
+    entry = results["tasks"]["generic"]
+    assert entry["items"] == len(generic) and entry["answered"] == len(generic) - 1
+    assert entry["answer_errors"] == {"video_missing": 1}
+    assert entry["judged"] == 3 * (len(generic) - 1)
