@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from rlaif_jax.parallel.mesh import make_mesh
 from rlaif_jax.parallel.sharding import make_rules
@@ -114,3 +115,69 @@ def test_ppo_on_a_true_reward_raises_it():
         assert np.isfinite(metrics["train/loss"])
     assert np.mean(scores[-2:]) > np.mean(scores[:2]) + 0.05, scores
     assert metrics["rollout/kl"] >= 0
+
+
+class PromptSource:
+    def __init__(self, rows):
+        self.rows = rows
+
+    def batch(self, iteration, process_index=0, process_count=1):
+        return prompts(100 + iteration, self.rows)
+
+
+def test_loop_sigterm_resumes_where_it_stopped(tmp_path):
+    import json
+    import os
+    import signal
+
+    from rlaif_jax.train.loop import Preempted
+    from rlaif_jax.train.ppo_loop import PPOLoopOptions, run_ppo
+
+    settings = PPOSettings(rollout_batch_size=8, rollout_micro_batch=8, minibatch_size=8,
+                           epochs=1, max_new_tokens=NEW)
+    trainer, _, _ = build({"data": 2, "fsdp": 4, "tensor": 1}, settings)
+
+    def fresh():
+        return init_state(trainer.layout, trainer.models.init_variables, jax.random.PRNGKey(0))
+
+    def evaluate(state, frozen):  # any number that the updates move
+        return {"eval/score": -float(np.abs(jax.device_get(
+            state.params["value"]["head"]["score"]["bias"])).sum())}
+
+    options = PPOLoopOptions(num_iterations=3, checkpoint_every=1, eval_every=1, sample_every=2,
+                             samples=3, tensorboard=False, progress=False)
+
+    def stop_at_two(iteration):
+        if iteration == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    interrupted = str(tmp_path / "interrupted")
+    with pytest.raises(Preempted) as stopped:
+        run_ppo(trainer, fresh, PromptSource(8), interrupted, options, evaluate,
+                on_iteration=stop_at_two)
+    assert stopped.value.step == 2
+    assert sorted(os.listdir(os.path.join(interrupted, "checkpoints"))) == ["1", "2"]
+    run_ppo(trainer, fresh, PromptSource(8), interrupted, options, evaluate)
+    straight = str(tmp_path / "straight")
+    run_ppo(trainer, fresh, PromptSource(8), straight, options, evaluate)
+
+    def final_params(directory):
+        from rlaif_jax.checkpoints.orbax_io import Checkpoints
+        manager = Checkpoints(os.path.join(directory, "checkpoints"), 1, 2, False)
+        state, meta = manager.restore(3, trainer.layout.abstract_state_sharded)
+        manager.close()
+        assert meta["iteration"] == 3
+        return jax.device_get(state.params), int(state.step)
+
+    (resumed, steps_a), (plain, steps_b) = final_params(interrupted), final_params(straight)
+    assert steps_a == steps_b == 3  # one optimizer step an iteration here
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), resumed, plain)
+    records = [json.loads(line) for line in open(os.path.join(interrupted, "metrics.jsonl"))]
+    iterations = [r["step"] for r in records if "rollout/score_mean" in r]
+    assert iterations == [1, 2, 3]  # iteration 3 ran once, after the resume; none repeated
+    samples = json.load(open(os.path.join(interrupted, "rollouts", "2.json")))
+    assert len(samples) == 3 and set(samples[0]) == {"prompt", "response", "score", "reward"}
+    best = json.load(open(os.path.join(interrupted, "best.json")))
+    evals = {r["step"]: r["eval/score"] for r in records if "eval/score" in r}
+    assert best["value"] == max(evals.values()) and best["iteration"] == max(evals, key=evals.get)
+    assert os.listdir(os.path.join(interrupted, "best")) == [str(best["iteration"])]
