@@ -63,11 +63,20 @@ def run(config) -> int:
 
     from rlaif_jax.parallel.mesh import ConfigError, initialize_distributed, make_mesh
 
+    if config.stage == "generate":  # inference: questions in, answers out (configs/generate.py)
+        from rlaif_jax.rollout.infer import check_config, run_generate
+        try:
+            check_config(config)
+        except (ValueError, OSError) as e:
+            raise ConfigError(str(e)) from None
+        summary = run_generate(config)
+        print(f"[generate] {json.dumps(summary)}", flush=True)
+        return 0
     initialize_distributed(config.distributed)
     mesh = make_mesh(config.mesh)
     stage_dir = os.path.join(os.path.abspath(config.workdir), config.stage)
     if config.stage in ("sft", "policy_init"):
-        from rlaif_jax.train.sft import build_sft_stage
+        from rlaif_jax.train.sft_stage import build_sft_stage
         stage = build_sft_stage(config, mesh)
     elif config.stage == "ppo":
         from rlaif_jax.train.ppo_stage import run_ppo_main

@@ -21,13 +21,13 @@ import numpy as np
 import tqdm
 
 import rlaif_jax
-from rlaif_jax.data import prompts
+from rlaif_jax.data import conversation, prompts
 from rlaif_jax.parallel import sharding as su
 from rlaif_jax.parallel.mesh import make_mesh
 from rlaif_jax.rollout.generate import SamplingConfig, decoder_for, generate
 
 # ---------------------------------------------------------------------------------------------
-# Chat templates: the texts come from `rlaif_jax/data/prompts.py` (one home for every prompt).
+# Chat templates: the text lives in rlaif_jax/data/prompts.py, the rendering in conversation.py.
 
 VICUNA_V1_SYSTEM = prompts.VICUNA_V1_SYSTEM
 IMAGE_TOKEN = prompts.IMAGE_TOKEN
@@ -36,8 +36,9 @@ TEMPLATES = ("vicuna_v1", "none")
 
 def vicuna_v1_prompt(question: str, with_video: bool) -> str:
     """`SYSTEM USER: <image>\\n{question} ASSISTANT:` (the answer follows after a space)."""
-    user = f"{IMAGE_TOKEN}\n{question}" if with_video else question
-    return f"{VICUNA_V1_SYSTEM} USER: {user} ASSISTANT:"
+    turn = conversation.video_question(question) if with_video else {"from": "human",
+                                                                     "value": question}
+    return conversation.render([turn, {"from": "gpt", "value": None}])[0]
 
 
 def render_prompt(question: str, template: str, with_video: bool) -> str:
@@ -284,7 +285,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    # Standalone until launch/main.py dispatches config.stage == "generate" here:
+    # Also run by launch/main.py (config.stage == "generate"); standalone:
     #   python -m rlaif_jax.rollout.infer --config=configs/generate.py --config.init=PATH ...
     from absl import app, flags
     from ml_collections import config_flags
