@@ -72,6 +72,10 @@ def run(config) -> int:
         summary = run_generate(config)
         print(f"[generate] {json.dumps(summary)}", flush=True)
         return 0
+    if config.stage == "eval":  # benchmark runners + judges, a table (configs/eval.py)
+        from rlaif_jax.eval.run import run_eval
+        run_eval(config)
+        return 0
     initialize_distributed(config.distributed)
     mesh = make_mesh(config.mesh)
     stage_dir = os.path.join(os.path.abspath(config.workdir), config.stage)
