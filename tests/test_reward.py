@@ -6,11 +6,13 @@ import numpy as np
 import optax
 import pytest
 
+from rlaif_jax.data import prompts
 from rlaif_jax.parallel.mesh import make_mesh
 from rlaif_jax.parallel.sharding import DEFAULT_RULES
 from rlaif_jax.train import reward
 from rlaif_jax.train import state as state_lib
 from rlaif_jax.train.step import make_train_step
+from tests.data_fixtures import preference_data, world_dir, world_tokenizer  # noqa: F401
 from tests.rm_helpers import (IMAGE_ID, host_variables, init_fn, random_preference_batch,
                               tiny_reward_model)
 
@@ -150,3 +152,53 @@ def test_lora_rm_step_on_eight_devices_matches_one_device(lora_model):
         assert np.abs(b).max() > 0, path  # every trainable leaf gets a gradient
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max(),
                                    err_msg=jax.tree_util.keystr(path))
+
+
+def _pair(i, video, preference=1, truth=None, scores=(1.0, 0.0)):
+    item = {"id": f"p{i}", "images": f"videos/{video}.mp4",
+            "conversations": [{"from": "human", "value": "<image>\nWhat colour is it?"},
+                              {"from": "gpt", "value": ""}],
+            "output_1": {"value": "red"}, "output_2": {"value": "blue"},
+            "preference": preference}
+    if truth is not None:
+        item.update(true_preference=truth, true_scores=list(scores))
+    return item
+
+
+def test_bad_preference_items_are_skipped_and_counted_and_videos_split():
+    good = [_pair(i, f"v{i // 2}", preference=1 + i % 2, truth=2 - i % 2) for i in range(20)]
+    no_output = dict(_pair(90, "v0"), output_2={"text": "blue"})
+    missing = {k: v for k, v in _pair(91, "v0").items() if k != "output_1"}
+    bad_label = [dict(_pair(92, "v0"), preference=p) for p in (0, 3, "1", None, True)]
+    no_truth = _pair(93, "v1")  # usable with AI labels, not for the oracle
+    items = good + [no_output, missing, *bad_label, no_truth, "not a dict", dict(good[0])]
+    train, heldout, table, skipped = reward.split_preferences(items, "ai", 0.2, 500, seed=0)
+    assert skipped == {"missing_output": 2, "invalid_preference": 5, "malformed": 1,
+                       "duplicate_id": 1}
+    assert len(train) + len(heldout) == 21 and len(heldout) == 4
+    videos = lambda rows: {r["images"] for r in rows}  # noqa: E731
+    assert not videos(train) & videos(heldout)  # held-out videos never seen in training
+    assert table["p1"] == {"ai": 2, "truth": 1, "decisive": True}
+    # The oracle control: the same pairs labelled by the truth; pairs without one are skipped.
+    train, heldout, table, skipped = reward.split_preferences(items, "truth", 0.2, 2, seed=0)
+    assert skipped["no_truth"] == 1 and len(heldout) == 2  # heldout_max caps the split
+    assert all(r["preference"] == table[r["id"]]["truth"] for r in train + heldout)
+    assert any(table[r["id"]]["ai"] != r["preference"] for r in train)
+
+
+def test_reward_model_rows_are_the_pipelines_preference_rows(preference_data, world_tokenizer):  # noqa: F811
+    from rlaif_jax.data.pipeline import Pipeline
+
+    pipe = Pipeline(preference_data, "train", world_tokenizer, 4, 160, shuffle=False)
+    batch = pipe.batch(0)
+    records = [pipe.record(i) for i in batch["index"]]
+    question_turns = [{"from": "human", "value": r["values"][0]} for r in records]
+    for candidate, key in ((0, "output_1"), (1, "output_2")):
+        rows = reward.reward_model_rows(question_turns, [r[key] for r in records],
+                                        world_tokenizer, 160)
+        np.testing.assert_array_equal(rows["input_ids"], batch["input_ids"][:, candidate])
+        np.testing.assert_array_equal(rows["attention_mask"],
+                                      batch["attention_mask"][:, candidate])
+    user, prefix = prompts.rm_evaluation_prompt()
+    text = world_tokenizer.decode(rows["input_ids"][0][rows["attention_mask"][0] > 0])
+    assert text.rstrip().endswith(prefix) and user in text

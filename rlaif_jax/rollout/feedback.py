@@ -117,11 +117,11 @@ def _last_logits(model, variables, input_ids, attention_mask, video_tokens, has_
     if hasattr(model, "encode_video"):
         out = model.apply(variables, input_ids, attention_mask, video_tokens=video_tokens,
                           has_video=has_video, compute_logits=False)
-        return model.apply(variables, out.last_hidden_state[:, -1], method="logits")
+        return model.apply(variables, out.last_hidden_state[:, -1:], method="logits")[:, 0]
     from rlaif_jax.models.llama import Llama
     out = model.apply(variables, input_ids=input_ids, attention_mask=attention_mask,
                       compute_logits=False)
-    return model.apply(variables, out.last_hidden_state[:, -1], method=Llama.logits)
+    return model.apply(variables, out.last_hidden_state[:, -1:], method=Llama.logits)[:, 0]
 
 
 def _label_logprobs(model, variables, input_ids, attention_mask, video_tokens, has_video,
@@ -486,3 +486,149 @@ def run_batches(engine: AIFeedback, pipeline, items_by_id: dict, out_path: str, 
 
 def _turns(record: dict) -> list[dict]:
     return [{"from": r, "value": v} for r, v in zip(record["roles"], record["values"])]
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage: config -> WORKDIR/feedback/{preferences.json, metrics.jsonl, parts/}
+
+
+def _stage_path(init: str, workdir: str) -> str:
+    """`stage:NAME` -> WORKDIR/NAME (as the training stages read config.init)."""
+    return os.path.join(workdir, init[len("stage:"):]) if init.startswith("stage:") else init
+
+
+def resolve_paths(config) -> dict:
+    """Where the stage reads and writes; defaults point into the synthetic world of the
+    workdir (WORKDIR/data/world, written by the SFT stage)."""
+    from rlaif_jax.parallel.mesh import ConfigError
+
+    workdir = os.path.abspath(config.workdir)
+    world = config.world_dir or os.path.join(workdir, "data", "world")
+    paths = {
+        "stage": os.path.join(workdir, "feedback"),
+        "init": _stage_path(config.init, workdir) or os.path.join(workdir, "sft"),
+        "prompts": config.prompts or os.path.join(world, "ppo_prompts.json"),
+        "video_root": config.video_root or world,
+        "tokenizer": config.tokenizer or os.path.join(world, "tokenizer"),
+        "truth": "" if config.truth == "none" else (
+            config.truth or os.path.join(world, "truth.json")),
+    }
+    if not os.path.isfile(paths["prompts"]):
+        raise ConfigError(f"prompts file {paths['prompts']} does not exist (set config.prompts, "
+                          "or run the SFT stage first to write the synthetic world)")
+    if paths["truth"] and not os.path.isfile(paths["truth"]):
+        if config.truth:
+            raise ConfigError(f"config.truth={config.truth}: no such file")
+        paths["truth"] = ""  # not the synthetic world: no truth to compare with
+    return paths
+
+
+def settings_from_config(config) -> FeedbackSettings:
+    s, c = config.sampling, config.context_sampling
+    return FeedbackSettings(
+        answer_sampling=SamplingConfig(max_new_tokens=s.max_new_tokens,
+                                       temperature=float(s.temperature), top_k=s.top_k,
+                                       top_p=float(s.top_p), prompt_bucket=config.prompt_bucket),
+        context_sampling=SamplingConfig(max_new_tokens=c.max_new_tokens,
+                                        temperature=float(c.temperature), top_k=c.top_k,
+                                        top_p=float(c.top_p), prompt_bucket=config.prompt_bucket),
+        num_clips=config.num_clips, context=config.context,
+        measure_no_context=config.measure_no_context, margin=float(config.margin),
+        max_judge_length=config.max_judge_length, prompt_bucket=config.prompt_bucket)
+
+
+def _build_prompt_data(paths: dict, out_dir: str, num_frames: int, size: int) -> None:
+    """A tfds build of the prompt set (frames decoded once); reused when it matches."""
+    from rlaif_jax.data.build import BUILD_INFO, build
+
+    info_path = os.path.join(out_dir, BUILD_INFO)
+    if os.path.exists(info_path):
+        with open(info_path) as f:
+            info = json.load(f)
+        if (info.get("json", {}).get("train") == paths["prompts"]
+                and info.get("num_frames") == num_frames and info.get("size") == size):
+            return
+    build("prompt", {"train": paths["prompts"]}, paths["video_root"], out_dir, num_frames,
+          size, overwrite=True, verbose=False)
+
+
+def run_feedback(config) -> dict:
+    """The feedback stage; returns its metrics (process 0) and writes preferences.json."""
+    import transformers
+    from jax.experimental import multihost_utils
+
+    from rlaif_jax.checkpoints.stage_model import load_stage_model
+    from rlaif_jax.data.builders.items_json import load_items
+    from rlaif_jax.data.pipeline import Pipeline
+    from rlaif_jax.parallel.mesh import ConfigError, make_mesh
+    from rlaif_jax.train.metrics import MetricsWriter
+
+    settings = settings_from_config(config)
+    paths = resolve_paths(config)
+    primary = jax.process_index() == 0
+    # Each process runs its slice of every batch on its own devices.
+    mesh = make_mesh(config.mesh.to_dict(), jax.local_devices())
+    rules = su.make_rules(config.rules)
+    if config.batch_size % (jax.process_count() * su.batch_divisor(mesh)):
+        raise ConfigError(f"batch_size={config.batch_size} must be a multiple of processes x "
+                          f"batch shards = {jax.process_count()} x {su.batch_divisor(mesh)}")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(paths["tokenizer"])
+    model, variables = load_stage_model(paths["init"], mesh, rules, tokenizer=tokenizer)
+    engine = AIFeedback(model, variables, tokenizer, settings, mesh, rules)
+
+    stage_dir = paths["stage"]
+    data_dir = os.path.join(stage_dir, "data")
+    vision = engine.vision
+    num_frames = model.config.num_frames if vision else 1
+    size = model.config.vision.image_size if vision else 32
+    if primary:
+        os.makedirs(os.path.join(stage_dir, "parts"), exist_ok=True)
+        with open(os.path.join(stage_dir, "config.json"), "w") as f:
+            json.dump(json.loads(config.to_json_best_effort()), f, indent=2)
+        _build_prompt_data(paths, data_dir, num_frames, size)
+    multihost_utils.sync_global_devices("feedback: prompt data built")
+    pipeline = Pipeline(data_dir, "train", tokenizer, config.batch_size,
+                        config.max_prompt_length, config.seed, shuffle=False,
+                        num_frames=num_frames)
+    items = load_items(paths["prompts"])
+    items_by_id = {str(item.get("id", item.get("uid", position))): item
+                   for position, item in enumerate(items) if isinstance(item, dict)}
+    truths = None
+    if paths["truth"]:
+        with open(paths["truth"]) as f:
+            truths = json.load(f)
+    part = part_path(os.path.join(stage_dir, "parts"), jax.process_index(), jax.process_count())
+    run_batches(engine, pipeline, items_by_id, part, jax.random.PRNGKey(config.seed), truths,
+                progress=primary and config.log.progress)
+    multihost_utils.sync_global_devices("feedback: all parts written")
+    if not primary:
+        return {}
+
+    records = []
+    for index in range(jax.process_count()):
+        records += read_records(part_path(os.path.join(stage_dir, "parts"), index,
+                                          jax.process_count()))
+    records = apply_margin(records, settings.margin)
+    kept = [preference_item(r) for r in records if r["kept"]]
+    with open(os.path.join(stage_dir, "preferences.json.tmp"), "w") as f:
+        json.dump(kept, f, indent=1, ensure_ascii=False)
+    os.replace(os.path.join(stage_dir, "preferences.json.tmp"),
+               os.path.join(stage_dir, "preferences.json"))
+    metrics = summarize(records, settings.margin)
+    for reason, count in pipeline.skipped.items():
+        metrics[f"feedback/skipped_{reason}"] = count
+    build_info = json.load(open(os.path.join(data_dir, "build.json")))
+    for reason, count in build_info.get("skipped_total", {}).items():
+        metrics[f"feedback/skipped_{reason}"] = count
+    writer = MetricsWriter(stage_dir, "feedback", tensorboard=config.log.tensorboard)
+    writer.write(len(records), metrics)
+    writer.close()
+    print(f"[feedback] {len(kept)} preference pairs of {len(records)} prompts -> "
+          f"{os.path.join(stage_dir, 'preferences.json')}", flush=True)
+    for key in ("feedback/agreement_with_truth", "feedback/agreement_with_truth_no_context",
+                "feedback/agreement_with_truth_decisive",
+                "feedback/agreement_with_truth_no_context_decisive",
+                "feedback/kept_fraction", "feedback/mean_confidence"):
+        if key in metrics:
+            print(f"[feedback] {key} = {metrics[key]:.4f}", flush=True)
+    return metrics
