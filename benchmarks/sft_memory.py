@@ -28,43 +28,45 @@ def _args(argv=None):
     parser.add_argument("--seq_len", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=0, help="0: the preset's global batch")
     parser.add_argument("--accum", type=int, default=0, help="0: the preset's accum_steps")
+    parser.add_argument("--text_only", action="store_true", help="the LLM of a video preset alone")
     return parser.parse_args(argv)
 
 
 def sft_step_memory(preset: str, data: int = 1, fsdp: int = -1, tensor: int = 1,
-                    layers: int = 0, seq_len: int = 2048, batch: int = 0, accum: int = 0) -> dict:
+                    layers: int = 0, seq_len: int = 2048, batch: int = 0, accum: int = 0,
+                    text_only: bool = False) -> dict:
     """Compiles the preset's SFT step for the current devices; returns memory_analysis() fields
-    in bytes per device, and what was compiled."""
+    in bytes per device, and what was compiled. A video preset compiles the whole video LLM
+    (CLIP on every frame, projector, pooling, LLM over seq_len + video tokens - 1) unless
+    `text_only`; `layers` sets the LLM's depth."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from configs import sft as sft_configs
-    from rlaif_jax.parallel.mesh import ConfigError, make_mesh
+    from rlaif_jax.parallel.mesh import make_mesh
     from rlaif_jax.parallel.sharding import BATCH_AXES, make_rules
-    from rlaif_jax.train import optim, sft
+    from rlaif_jax.train import model_init, optim, sft
     from rlaif_jax.train.state import plan_state
     from rlaif_jax.train.step import make_train_step
 
     config = sft_configs.get_config(preset)
+    video = config.model_kind == "video_llm" and not text_only
     with config.unlocked():
         config.mesh.update(dict(data=data, fsdp=fsdp, tensor=tensor))
+        if config.model_kind == "video_llm" and text_only:
+            # The LLM alone (the bulk of the memory), as if the video tokens were text.
+            config.model_kind = "llama"
+            config.model = config.model.llm
+            config.trainable = "lora/.*"
+        llm = config.model.llm if video else config.model
         if layers:
-            config.model.num_layers = layers
+            llm.num_layers = layers
         if batch:
             config.batch_size = batch
         if accum:
             config.accum_steps = accum
-    note = ""
-    try:
-        model, init_variables = sft.build_model(config)
-    except ConfigError:
-        # Until the video LLM is wired in, measure its LLM (the bulk of the memory) alone.
-        with config.unlocked():
-            config.model_kind = "llama"
-            config.trainable = "lora/.*"
-        model, init_variables = sft.build_model(config)
-        note = "text LLaMA only (video LLM not wired in this checkout)"
+    model, init_variables = model_init.build_model(config)
     mesh = make_mesh(config.mesh)
     tx, schedule = optim.make_optimizer(config.optim, config.num_steps)
     layout = plan_state(init_variables, tx, mesh, make_rules(config.rules), config.trainable,
@@ -74,6 +76,11 @@ def sft_step_memory(preset: str, data: int = 1, fsdp: int = -1, tensor: int = 1,
     shape = (config.batch_size, seq_len)
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows)
              for k in ("input_ids", "attention_mask", "labels")}
+    if video:
+        size, frames = model.config.vision.image_size, model.config.num_frames
+        batch["frames"] = jax.ShapeDtypeStruct((config.batch_size, frames, size, size, 3),
+                                               jnp.uint8, sharding=rows)
+        batch["has_video"] = jax.ShapeDtypeStruct((config.batch_size,), jnp.bool_, sharding=rows)
     frozen = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           layout.abstract_frozen, layout.frozen_shardings)
     compiled = step.lower(layout.abstract_state_sharded, frozen, batch).compile()
@@ -83,10 +90,11 @@ def sft_step_memory(preset: str, data: int = 1, fsdp: int = -1, tensor: int = 1,
     result = {f: int(getattr(memory, f)) for f in fields}
     nbytes = lambda tree: sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(tree))
     result.update(
-        preset=preset, model=note or config.model_kind, mesh=dict(mesh.shape),
+        preset=preset, model=config.model_kind, mesh=dict(mesh.shape),
         devices=jax.device_count(), platform=jax.devices()[0].platform,
-        estimate=jax.devices()[0].platform == "cpu", num_layers=config.model.num_layers,
+        estimate=jax.devices()[0].platform == "cpu", num_layers=llm.num_layers,
         global_batch=config.batch_size, accum_steps=config.accum_steps, seq_len=seq_len,
+        video_tokens=model.config.num_video_tokens if video else 0,
         trainable_bytes=nbytes(layout.abstract_state.params),
         optimizer_bytes=nbytes(layout.abstract_state.opt_state),
         frozen_bytes=nbytes(layout.abstract_frozen))
@@ -103,7 +111,7 @@ def main(argv=None):
                                    f" --xla_force_host_platform_device_count={args.devices}")
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     result = sft_step_memory(args.preset, args.data, args.fsdp, args.tensor, args.layers,
-                             args.seq_len, args.batch, args.accum)
+                             args.seq_len, args.batch, args.accum, args.text_only)
     print(json.dumps(result), flush=True)
 
 

@@ -20,27 +20,55 @@ from configs import models
 
 def _base() -> ml_collections.ConfigDict:
     c = common_lib.common("sft")
-    c.model_kind = "llama"  # 'llama' (text) or 'video_llm'
-    c.model = models.get_config("tiny")
+    c.model_kind = "video_llm"  # 'video_llm' or 'llama' (text only)
+    c.model = _video_tiny()
+    # From a checkpoint holding a LoRA adapter: 'merge' folds it into the base and trains a new
+    # adapter; 'continue' keeps training it (same rank).
+    c.init_adapter = "merge"
     c.num_steps = 300
     c.batch_size = 32  # global rows a step
     c.accum_steps = 1  # micro-batches a step (token-weighted: exact)
     c.optim = ml_collections.ConfigDict(dict(
-        lr=1e-3, warmup_steps=-1, warmup_ratio=0.05, schedule="cosine", end_factor=0.0,
+        lr=3e-3, warmup_steps=-1, warmup_ratio=0.05, schedule="cosine", end_factor=0.0,
         b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0))
     # Trainable leaves: paths 'collection/module/.../leaf' that fullmatch `trainable` and not
     # `frozen`. Frozen leaves get no gradient, no optimizer state and are not checkpointed.
     c.trainable = "params/.*"
     c.frozen = ""
     c.data = ml_collections.ConfigDict(dict(
-        source="synthetic",  # 'synthetic' (the bundled video world) or 'reverse' (text only)
+        # 'synthetic' (the bundled video world), 'build' (a build of your own JSON: build_dir,
+        # tokenizer) or 'reverse' (a text-only task for the engine)
+        source="synthetic",
+        world="",  # '' = WORKDIR/data/world, generated on first use with world_args
+        world_args=ml_collections.ConfigDict(dict(num_train=512, num_eval=64, frames=8, size=64,
+                                                  seed=0)),
+        train_build="sft",  # WORKDIR/data/<train_build>: the instruction build of train_files
+        train_files=(("short", "sft_short.json"), ("long", "sft_long.json")),
+        curriculum=(("short", 0.4), ("long", 0.6)),  # (split, share of num_steps), in order
+        max_length=96,  # tokens a row (the video's tokens come on top)
+        split_max_length=(("short", 64),),  # (split, max_length) where a split needs fewer
+        build_dir="", tokenizer="",  # source='build'
         reverse_length=4, reverse_symbols=8))
-    c.eval = ml_collections.ConfigDict(dict(num_examples=256, batch_size=64))
+    c.eval = ml_collections.ConfigDict(dict(
+        batch_size=64,
+        # Held-out questions (world files -> splits of WORKDIR/data/eval): short answers ('qa')
+        # graded right/wrong, descriptions ('generic') graded per axis.
+        qa_files=(("qa", "eval_qa.json"), ("generic", "eval_generic.json")),
+        num_qa=0, num_describe=0,  # 0: all
+        max_new_tokens=80, blind=True, show=4,
+        num_examples=256))  # source='reverse'
     return c
+
+
+def _video_tiny() -> ml_collections.ConfigDict:
+    model = models.get_config("video_tiny")
+    model.freeze_vision = False  # no pretrained CLIP: the tiny tower learns from scratch
+    return model
 
 
 def reverse() -> ml_collections.ConfigDict:
     c = _base()
+    c.model_kind = "llama"
     c.model = models.get_config("tiny")
     c.model.update(dict(vocab_size=16, hidden_size=64, intermediate_size=128, num_layers=2,
                         num_heads=4, max_position_embeddings=64))
@@ -56,23 +84,58 @@ def reverse() -> ml_collections.ConfigDict:
 
 def tiny() -> ml_collections.ConfigDict:
     c = _base()
-    c.model_kind = "video_llm"
+    # Norms, biases and LoRA's rank axes of a width-128 model are a large share of its bytes;
+    # the 2% replication check is for the real sizes.
+    c.max_replicated_share = 1.0
     return c
 
 
 def smoke() -> ml_collections.ConfigDict:
+    """tiny on a small world, for tests: under a minute on 2 CPU cores."""
     c = tiny()
+    c.data.world_args.update(dict(num_train=96, num_eval=8))
+    c.eval.update(dict(batch_size=48, num_qa=40, num_describe=8, max_new_tokens=48))
     c.num_steps = 60
-    c.checkpoint.every = 30
+    c.checkpoint.every = 60
+    c.data.curriculum = (("short", 0.7), ("long", 0.3))
+    return c
+
+
+def _policy_init(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Stage 4 on top of a stage-1 preset: from the SFT stage directory of the same workdir, a
+    new LoRA adapter (r 64, alpha 16, all seven projections) on the held-out instruction set."""
+    c.stage = "policy_init"
+    c.init = "stage:sft"
+    llm = c.model.llm if "llm" in c.model else c.model
+    llm.lora.rank = 64
+    llm.lora.alpha = 16.0
+    c.trainable = "lora/.*"
+    c.data.train_build = "policy_init"
+    c.data.train_files = (("train", "policy_init.json"),)
+    c.data.curriculum = (("train", 1.0),)
+    return c
+
+
+def policy_init_tiny() -> ml_collections.ConfigDict:
+    c = _policy_init(tiny())
+    c.num_steps = 100
+    c.optim.update(dict(lr=1e-3, warmup_ratio=0.03, schedule="cosine", grad_clip=0.3))
+    return c
+
+
+def policy_init_smoke() -> ml_collections.ConfigDict:
+    c = _policy_init(smoke())
+    c.num_steps = 10
+    c.checkpoint.every = 10
+    c.optim.update(dict(lr=1e-3, warmup_ratio=0.03, schedule="cosine", grad_clip=0.3))
     return c
 
 
 def _vicuna(size: str) -> ml_collections.ConfigDict:
     c = _base()
-    c.model_kind = "video_llm"
     c.model = models.get_config(size)
-    c.model.lora.rank = 32
-    c.model.lora.alpha = 32.0
+    c.model.llm.lora.rank = 32
+    c.model.llm.lora.alpha = 32.0
     c.init = ""  # required: the LLaVA-1.5 HF directory
     c.trainable = "lora/.*|params/projector/.*"
     c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
@@ -80,31 +143,34 @@ def _vicuna(size: str) -> ml_collections.ConfigDict:
     c.batch_size = 128
     c.accum_steps = 8
     c.optim.update(dict(lr=1e-4, warmup_ratio=0.03, schedule="cosine", grad_clip=1.0))
+    c.data.max_length = 2048
+    c.data.world_args.update(dict(frames=50, size=336))
     c.checkpoint.every = 500
     c.log.every = 10
     return c
 
 
 def vicuna7b() -> ml_collections.ConfigDict:
-    return _vicuna("vicuna7b")
+    return _vicuna("video_llava_7b")
 
 
 def vicuna13b() -> ml_collections.ConfigDict:
-    return _vicuna("vicuna13b")
+    c = _vicuna("video_llava_7b")
+    c.model.llm = models.get_config("vicuna13b")
+    c.model.llm.lora.rank = 32
+    c.model.llm.lora.alpha = 32.0
+    return c
 
 
 def policy_init_7b() -> ml_collections.ConfigDict:
-    c = _vicuna("vicuna7b")
-    c.stage = "policy_init"
-    c.model.lora.rank = 64
-    c.model.lora.alpha = 16.0
-    c.trainable = "lora/.*"
+    c = _policy_init(_vicuna("video_llava_7b"))
     c.optim.update(dict(lr=1e-4, warmup_ratio=0.03, schedule="cosine", grad_clip=0.3))
     return c
 
 
 PRESETS = {"tiny": tiny, "smoke": smoke, "reverse": reverse, "vicuna7b": vicuna7b,
-           "vicuna13b": vicuna13b, "policy_init_7b": policy_init_7b}
+           "vicuna13b": vicuna13b, "policy_init_tiny": policy_init_tiny,
+           "policy_init_smoke": policy_init_smoke, "policy_init_7b": policy_init_7b}
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:

@@ -63,6 +63,15 @@ def run(config) -> int:
 
     from rlaif_jax.parallel.mesh import ConfigError, initialize_distributed, make_mesh
 
+    if config.stage == "generate":  # inference: questions in, answers out (configs/generate.py)
+        from rlaif_jax.rollout.infer import check_config, run_generate
+        try:
+            check_config(config)
+        except (ValueError, OSError) as e:
+            raise ConfigError(str(e)) from None
+        summary = run_generate(config)
+        print(f"[generate] {json.dumps(summary)}", flush=True)
+        return 0
     initialize_distributed(config.distributed)
     mesh = make_mesh(config.mesh)
     stage_dir = os.path.join(os.path.abspath(config.workdir), config.stage)
@@ -71,11 +80,14 @@ def run(config) -> int:
         run_feedback(config)
         return 0
     if config.stage in ("sft", "policy_init"):
-        from rlaif_jax.train.sft import build_sft_stage
+        from rlaif_jax.train.sft_stage import build_sft_stage
         stage = build_sft_stage(config, mesh)
     elif config.stage == "rm":
         from rlaif_jax.train.reward import build_rm_stage
         stage, stage_dir, _ = build_rm_stage(config, mesh)  # WORKDIR/rm or rm_oracle
+    elif config.stage == "ppo":
+        from rlaif_jax.train.ppo_stage import run_ppo_main
+        return run_ppo_main(config, mesh, run)
     else:
         raise ConfigError(f"stage={config.stage!r} is not built in this checkout")
 

@@ -12,3 +12,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# Session fixtures every stage's tests may use (the SFT smoke workdir).
+from tests.stage_fixtures import smoke_workdir  # noqa: E402,F401

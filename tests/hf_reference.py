@@ -59,3 +59,65 @@ def assert_close_scaled(ours, ref, mask=None, rel: float = 1e-4):
         ours, ref = ours[keep], ref[keep]
     err, scale = np.max(np.abs(ours - ref)), np.max(np.abs(ref))
     assert err <= rel * scale, f"max |diff| {err:.3e} > {rel} * max |ref| {scale:.3e}"
+
+
+def _randomize_norms(model):
+    """Random (not one/zero) LayerNorm/RMSNorm weights, so a wrong mapping of norms cannot hide."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or "layrnorm" in name:
+                if name.endswith("bias"):
+                    param.copy_(0.1 * torch.randn_like(param))
+                else:
+                    param.copy_(1.0 + 0.1 * torch.randn_like(param))
+
+
+def tiny_hf_clip_vision_config(**overrides) -> transformers.CLIPVisionConfig:
+    values = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                  image_size=32, patch_size=8, layer_norm_eps=1e-5, hidden_act="quick_gelu")
+    values.update(overrides)
+    return transformers.CLIPVisionConfig(**values)
+
+
+def save_tiny_hf_clip_vision(directory, seed: int = 0, **overrides) -> transformers.CLIPVisionModel:
+    torch.manual_seed(seed)
+    config = tiny_hf_clip_vision_config(**overrides)
+    config._attn_implementation = "eager"
+    model = transformers.CLIPVisionModel(config).eval()
+    _randomize_norms(model)
+    model.save_pretrained(directory)
+    return model
+
+
+# Head size 64 as in every OpenAI CLIP ViT (original LLaVA configs do not name the head count).
+TINY_LLAVA_VISION = dict(hidden_size=128, num_attention_heads=2, intermediate_size=160,
+                         num_hidden_layers=2)
+
+
+def save_tiny_hf_llava(directory, seed: int = 0, image_token_index: int = 96, vision=None,
+                       **text_overrides) -> transformers.LlavaForConditionalGeneration:
+    """A tiny LlavaForConditionalGeneration whose placeholder id sits inside the vocabulary."""
+    torch.manual_seed(seed)
+    text = tiny_hf_llama_config(**text_overrides).to_dict()
+    vision = dict(TINY_LLAVA_VISION, **(vision or {}))
+    config = transformers.LlavaConfig(
+        vision_config=tiny_hf_clip_vision_config(**vision).to_dict(), text_config=text,
+        image_token_index=image_token_index, vision_feature_layer=-2,
+        vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    config._attn_implementation = "eager"
+    model = transformers.LlavaForConditionalGeneration(config).eval()
+    _randomize_norms(model)
+    model.save_pretrained(directory)
+    return model
+
+
+def random_frames(shape, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def clip_pixel_values(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> CLIPImageProcessor's normalisation, NCHW float32."""
+    mean = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+    std = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+    pixels = (images.astype(np.float32) / 255.0 - mean) / std
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))

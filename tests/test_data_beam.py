@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from data_fixtures import MIXED_SKIPS, mixed_data, world_dir, write_mixed_items  # noqa: F401
+from tests.data_fixtures import MIXED_SKIPS, mixed_data, world_dir, write_mixed_items  # noqa: F401
 
 pytest.importorskip("apache_beam")
 

@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 
-from data_fixtures import (MIXED_SKIPS, instruction_data, mixed_data, preference_data,  # noqa: F401
+from tests.data_fixtures import (MIXED_SKIPS, instruction_data, mixed_data, preference_data,  # noqa: F401
                            prompt_data, qa_data, world_dir, write_mixed_items)
 from rlaif_jax.data import build as build_module
 from rlaif_jax.data import video

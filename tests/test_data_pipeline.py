@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from data_fixtures import (instruction_data, mixed_data, preference_data, prompt_data,  # noqa: F401
+from tests.data_fixtures import (instruction_data, mixed_data, preference_data, prompt_data,  # noqa: F401
                            qa_data, world_dir, world_tokenizer)
 from rlaif_jax.data import conversation, prompts
 from rlaif_jax.data.pipeline import Curriculum, Pipeline

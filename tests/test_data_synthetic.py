@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from data_fixtures import WORLD_ARGS, world_dir, world_tokenizer  # noqa: F401 (fixtures)
+from tests.data_fixtures import WORLD_ARGS, world_dir, world_tokenizer  # noqa: F401 (fixtures)
 from rlaif_jax.data import conversation, prompts
 from rlaif_jax.data.synthetic import (generate_world, load_truth, parse_question, preference,
                                       question_text, score_answer, answerable_specs, true_answer)

@@ -284,11 +284,19 @@ class Curriculum:
     within it). Each split keeps its own seeded order, so resuming anywhere is still a seek."""
 
     def __init__(self, data_dir: str, schedule: Sequence[tuple[str, int]], tokenizer,
-                 batch_size: int, max_length: int, seed: int = 0, **pipeline_kwargs):
+                 batch_size: int, max_length: int | dict[str, int], seed: int = 0,
+                 **pipeline_kwargs):
+        """`max_length` may differ by split ({split: length}): short answers need far fewer
+        tokens than descriptions, and each split's batches keep their own static shape."""
         if not schedule or any(steps <= 0 for _, steps in schedule):
             raise ValueError("a curriculum needs at least one stage, each of positive steps")
         self.schedule = [(split, int(steps)) for split, steps in schedule]
-        self.pipelines = {split: Pipeline(data_dir, split, tokenizer, batch_size, max_length,
+        lengths = max_length if isinstance(max_length, dict) else {
+            split: max_length for split, _ in self.schedule}
+        missing = sorted({split for split, _ in self.schedule} - set(lengths))
+        if missing:
+            raise ValueError(f"no max_length for splits {missing}")
+        self.pipelines = {split: Pipeline(data_dir, split, tokenizer, batch_size, lengths[split],
                                           seed, **pipeline_kwargs)
                           for split in dict(self.schedule)}
         self.batch_size = batch_size

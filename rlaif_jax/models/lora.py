@@ -4,16 +4,18 @@ The base kernel lives in the `params` collection (frozen, shared by every adapte
 `lora_a` [in, r], `lora_b` [r, out] lives in the separate `lora` collection. Applying the model
 with `{'params': base}` alone gives the base model; `{'params': base, 'lora': adapter}` gives
 `x @ W + (alpha / r) * (x @ A) @ B`. Several named adapters are just several `lora` pytrees over
-one base, so a policy and its frozen reference never duplicate the base weights.
+one base (`NamedAdapters`), so a policy and its frozen reference never duplicate the base
+weights; `merge_lora` folds an adapter in for export only.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -89,18 +91,101 @@ class Projection(nn.Module):
 
 
 def merge_lora(params: Any, adapter: Any, lora: LoraConfig) -> Any:
-    """Returns params with W + scale * A @ B folded in (for export only: it copies the base)."""
+    """Returns params with W + scale * A @ B folded in (for export only: it copies the base).
+
+    Works on any model's tree (a Llama's, or a VideoLLM's where the adapter sits under 'llm'),
+    scanned (stacked) or not, boxed or raw.
+    """
+    params, adapter = nn.unbox(params), nn.unbox(adapter)
 
     def merge(base_node, adapter_node):
         if isinstance(adapter_node, dict) and "lora_a" in adapter_node:
             merged = dict(base_node)
             a, b = adapter_node["lora_a"], adapter_node["lora_b"]
-            delta = jnp.einsum("...ir,...ro->...io", a, b) * lora.scale
-            merged["kernel"] = (base_node["kernel"] + delta).astype(base_node["kernel"].dtype)
+            delta = jnp.einsum("...ir,...ro->...io", a.astype(jnp.float32),
+                               b.astype(jnp.float32)) * lora.scale
+            kernel = base_node["kernel"]
+            merged["kernel"] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
             return merged
         out = dict(base_node)
         for key, child in adapter_node.items():
+            if key not in base_node:
+                raise KeyError(f"adapter has {key!r} that the base params do not")
             out[key] = merge(base_node[key], child)
         return out
 
-    return merge(jax.tree_util.tree_map(lambda v: v, params), adapter)
+    return merge(params, adapter)
+
+
+def with_lora_config(model: nn.Module, lora: LoraConfig) -> nn.Module:
+    """The same module (same params) whose projections use `lora` (rank, alpha, targets).
+
+    Works for a Llama (config.lora) and a VideoLLM (config.llm.lora).
+    """
+    config = model.config
+    if hasattr(config, "llm"):
+        return model.clone(config=config.replace(llm=config.llm.replace(lora=lora)))
+    return model.clone(config=config.replace(lora=lora))
+
+
+def lora_config_of(model: nn.Module) -> LoraConfig:
+    config = model.config
+    return config.llm.lora if hasattr(config, "llm") else config.lora
+
+
+def init_lora(model: nn.Module, rng: jax.Array, *args, **kwargs) -> Any:
+    """A fresh adapter (A random, B zero) for `model`, whose LoRA config must have rank > 0.
+
+    Runs `model.init` under jit and keeps only the 'lora' collection, so the base params are
+    never materialised (XLA drops what is not returned). Returns raw (unboxed) arrays.
+    """
+    if lora_config_of(model).rank <= 0:
+        raise ValueError("init_lora needs a model whose LoRA config has rank > 0")
+
+    def init(key):
+        return model.init(key, *args, **kwargs)[LORA_COLLECTION]
+
+    return nn.unbox(jax.jit(init)(rng))
+
+
+@flax.struct.dataclass
+class NamedAdapters:
+    """One frozen base and several named LoRA adapters over it (policy, reference, RM, value).
+
+    Applying adapter `name` passes `{'params': base, 'lora': adapters[name]}`: the base arrays
+    are shared by every adapter, never copied (the reference policy is the base plus its initial
+    adapter, not a second base). `name=None` applies the base alone. `configs` may give an
+    adapter its own rank/alpha/targets; otherwise the model's LoRA config is used. A pytree, so
+    it can be passed through `jax.jit`.
+    """
+
+    base: Any
+    adapters: dict = flax.struct.field(default_factory=dict)
+    configs: dict = flax.struct.field(pytree_node=False, default_factory=dict)
+
+    def add(self, name: str, adapter: Any, lora: Optional[LoraConfig] = None) -> "NamedAdapters":
+        configs = dict(self.configs)
+        if lora is not None:
+            configs[name] = lora
+        return self.replace(adapters={**self.adapters, name: adapter}, configs=configs)
+
+    def variables(self, name: Optional[str]) -> dict:
+        if name is None:
+            return {"params": self.base}
+        if name not in self.adapters:
+            raise KeyError(f"no adapter {name!r}; have {sorted(self.adapters)}")
+        return {"params": self.base, LORA_COLLECTION: self.adapters[name]}
+
+    def model_for(self, model: nn.Module, name: Optional[str]) -> nn.Module:
+        if name is not None and name in self.configs:
+            return with_lora_config(model, self.configs[name])
+        return model
+
+    def apply(self, model: nn.Module, name: Optional[str], *args, **kwargs):
+        """`model.apply` with adapter `name` (kwargs such as method= pass through)."""
+        return self.model_for(model, name).apply(self.variables(name), *args, **kwargs)
+
+    def merged(self, model: nn.Module, name: str) -> Any:
+        """Base + adapter folded together: for export only (a full copy of the base)."""
+        lora = self.configs.get(name, lora_config_of(model))
+        return merge_lora(self.base, self.adapters[name], lora)

@@ -13,7 +13,7 @@ import collections
 import json
 import logging
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -21,26 +21,24 @@ import numpy as np
 import tqdm
 
 import rlaif_jax
-
+from rlaif_jax.data import conversation, prompts
 from rlaif_jax.parallel import sharding as su
 from rlaif_jax.parallel.mesh import make_mesh
 from rlaif_jax.rollout.generate import SamplingConfig, decoder_for, generate
 
 # ---------------------------------------------------------------------------------------------
-# Chat templates. TEMPORARY copy of vicuna_v1: `rlaif_jax/data/prompts.py` (issue 4) owns the
-# template text; when it lands, `render_prompt` should call its conversation builder instead.
+# Chat templates: the text lives in rlaif_jax/data/prompts.py, the rendering in conversation.py.
 
-VICUNA_V1_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions.")
-IMAGE_TOKEN = "<image>"
+VICUNA_V1_SYSTEM = prompts.VICUNA_V1_SYSTEM
+IMAGE_TOKEN = prompts.IMAGE_TOKEN
 TEMPLATES = ("vicuna_v1", "none")
 
 
 def vicuna_v1_prompt(question: str, with_video: bool) -> str:
     """`SYSTEM USER: <image>\\n{question} ASSISTANT:` (the answer follows after a space)."""
-    user = f"{IMAGE_TOKEN}\n{question}" if with_video else question
-    return f"{VICUNA_V1_SYSTEM} USER: {user} ASSISTANT:"
+    turn = conversation.video_question(question) if with_video else {"from": "human",
+                                                                     "value": question}
+    return conversation.render([turn, {"from": "gpt", "value": None}])[0]
 
 
 def render_prompt(question: str, template: str, with_video: bool) -> str:
@@ -73,13 +71,13 @@ def tokenize_prompt(text: str, tokenizer, image_token_id: Optional[int] = None) 
 # Config checks (before anything is loaded)
 
 
-def check_config(config) -> SamplingConfig:
-    for key in ("init", "input", "output"):
+def check_config(config, need_files: bool = True) -> SamplingConfig:
+    for key in ("init", "input", "output") if need_files else ("init",):
         if not config.get(key):
             raise ValueError(f"config.{key} is required")
     if not os.path.exists(config.init):
         raise FileNotFoundError(f"config.init: {config.init} does not exist")
-    if not os.path.isfile(config.input):
+    if need_files and not os.path.isfile(config.input):
         raise FileNotFoundError(f"config.input: {config.input} is not a file")
     if config.template not in TEMPLATES:
         raise ValueError(f"config.template={config.template!r}: expected one of {list(TEMPLATES)}")
@@ -116,24 +114,23 @@ def _left_pad(rows: list[list[int]], pad_id: int):
     return ids, mask
 
 
-def _make_batch(chunk, config, pad: int, vision: bool, model, skipped, answers):
+def _make_batch(chunk, settings, pad: int, vision: bool, image_size: int, skipped, answers):
     """Static-shape batch for `chunk`: videos decoded now (an unreadable one is skipped and
     counted), a short batch filled with copies of its last prompt. Returns (batch, kept chunk)."""
     frames = []
     if vision:
         from rlaif_jax.data import video as video_io  # the data layer's decoder (issue 4)
 
-        size = model.config.vision.image_size
         kept = []
         for entry in chunk:
             index, _, source = entry
             if source is None:
-                frames.append(np.zeros((config.num_frames, size, size, 3), np.uint8))
+                frames.append(np.zeros((settings.num_frames, image_size, image_size, 3), np.uint8))
                 kept.append(entry)
                 continue
             try:
-                frames.append(video_io.load_frames(source, config.num_frames, size,
-                                                   config.video_root))
+                frames.append(video_io.load_frames(source, settings.num_frames, image_size,
+                                                   settings.video_root))
                 kept.append(entry)
             except (video_io.VideoDecodeError, OSError) as error:
                 reason = f"video_{getattr(error, 'reason', 'unreadable')}"
@@ -144,7 +141,7 @@ def _make_batch(chunk, config, pad: int, vision: bool, model, skipped, answers):
     if not chunk:
         return None, chunk
     rows = [ids for _, ids, _ in chunk]
-    fill = config.batch_size - len(rows)
+    fill = settings.batch_size - len(rows)
     rows += [rows[-1]] * fill
     input_ids, attention_mask = _left_pad(rows, pad)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -160,79 +157,115 @@ def _answer_text(tokens: np.ndarray, length: int, has_eos: bool, tokenizer) -> s
     return tokenizer.decode(keep.tolist(), skip_special_tokens=True).strip()
 
 
+class QuestionAnswerer:
+    """A loaded model, its tokenizer and a mesh, answering questions in batches.
+
+    Shared by the `generate` stage (`run_generate`) and the evaluation runners. `config` holds
+    the fields of configs/generate.py that concern answering: init, tokenizer, dtype, template,
+    batch_size, max_prompt_length, num_frames, video_root, seed, sampling, mesh.
+    """
+
+    def __init__(self, config, tokenizer: Optional[Any] = None):
+        import transformers  # heavy; only answering needs it
+
+        self.settings = config
+        self.sampling = check_config(config, need_files=False)
+        overrides = {"dtype": config.dtype} if config.get("dtype") else {}
+        self.model, params = rlaif_jax.from_pretrained(config.init, **overrides)
+        self.decoder = decoder_for(self.model)
+        if tokenizer is None:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(config.tokenizer or config.init)
+        self.tokenizer = tokenizer
+        llm = self.llm_config = self.decoder.llm_config
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else llm.eos_token_id
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else llm.pad_token_id
+        self.pad = pad
+        self.sampling = self.sampling.replace(eos_token_id=eos, pad_token_id=pad)
+
+        self.mesh = make_mesh(config.mesh.to_dict())
+        self.rules = su.DEFAULT_RULES
+        divisor = su.batch_divisor(self.mesh)
+        if config.batch_size % divisor:
+            raise ValueError(f"config.batch_size={config.batch_size} is not a multiple of the "
+                             f"mesh's {divisor} batch shards (config.mesh={config.mesh.to_dict()})")
+        model = self.model
+        boxed = jax.eval_shape(
+            lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
+        self.variables = {"params": su.shard_params(params, boxed["params"], self.mesh,
+                                                    self.rules)}
+        self.has_vision = bool(getattr(self.decoder, "has_vision", False))
+        self.image_id = model.config.image_token_id if self.has_vision else None
+        self.image_size = model.config.vision.image_size if self.has_vision else 0
+
+    def _prompt_ids(self, question: Any, video: Any) -> tuple[Optional[list], Optional[str]]:
+        """(prompt ids, None) or (None, why the question is skipped)."""
+        if not isinstance(question, str) or not question.strip():
+            return None, "no_question"
+        if video is not None and not self.has_vision:
+            return None, "video_but_model_has_no_vision"
+        text = render_prompt(question, self.settings.template, video is not None)
+        ids = tokenize_prompt(text, self.tokenizer, self.image_id)
+        text_ids = [i for i in ids if i != self.image_id]
+        if len(ids) > self.settings.max_prompt_length:
+            return None, "prompt_too_long"
+        if max(text_ids) >= self.llm_config.vocab_size:
+            return None, "token_outside_model_vocabulary"
+        return ids, None
+
+    def answer(self, items: list, on_done: Optional[Callable[[list], None]] = None,
+               desc: str = "generate") -> tuple[list, collections.Counter]:
+        """Answers `items` ({"id", "video": a source or None, "question"}) in order.
+
+        Returns (records {"id", "question", "answer"[, "error"]} in the items' order, counts of
+        skipped items by reason). `on_done(records)` is called as records finish: first with
+        the items skipped before decoding, then once per batch, so a caller can save progress.
+        """
+        answers: list[dict] = []
+        skipped: collections.Counter = collections.Counter()
+        pending: list[tuple[int, list[int], Any]] = []  # (index into answers, prompt ids, video)
+        for item in items:
+            record = {"id": item.get("id") if isinstance(item, dict) else None,
+                      "question": item.get("question") if isinstance(item, dict) else None,
+                      "answer": None}
+            answers.append(record)
+            video = item.get("video") if isinstance(item, dict) else None
+            ids, reason = self._prompt_ids(record["question"], video)
+            if reason:
+                record["error"] = reason
+                skipped[reason] += 1
+            else:
+                pending.append((len(answers) - 1, ids, video))
+        if on_done is not None and len(pending) < len(answers):
+            on_done([a for a in answers if "error" in a])
+
+        key = jax.random.PRNGKey(self.settings.seed)
+        batch_size = self.settings.batch_size
+        with tqdm.tqdm(total=len(items), desc=desc, unit="question") as bar:
+            bar.update(len(items) - len(pending))  # skipped items are done
+            for start in range(0, len(pending), batch_size):
+                chunk = pending[start:start + batch_size]
+                batch, chunk_kept = _make_batch(chunk, self.settings, self.pad, self.has_vision,
+                                                self.image_size, skipped, answers)
+                if chunk_kept:
+                    out = generate(self.decoder, self.variables, batch,
+                                   jax.random.fold_in(key, start), self.sampling,
+                                   mesh=self.mesh, rules=self.rules)
+                    tokens, lengths, has_eos = (np.asarray(out.tokens), np.asarray(out.lengths),
+                                                np.asarray(out.has_eos))
+                    for row, (index, _, _) in enumerate(chunk_kept):
+                        answers[index]["answer"] = _answer_text(
+                            tokens[row], int(lengths[row]), bool(has_eos[row]), self.tokenizer)
+                if on_done is not None:
+                    on_done([answers[index] for index, _, _ in chunk])
+                bar.update(len(chunk))
+        return answers, skipped
+
+
 def run_generate(config, tokenizer: Optional[Any] = None) -> dict:
     """Answers config.input's questions into config.output; returns counts (answered, skipped)."""
-    import transformers  # heavy; only the generate stage needs it
-
-    sampling = check_config(config)
+    check_config(config)
     items = read_questions(config.input)
-    overrides = {"dtype": config.dtype} if config.get("dtype") else {}
-    model, params = rlaif_jax.from_pretrained(config.init, **overrides)
-    decoder = decoder_for(model)
-    if tokenizer is None:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(config.tokenizer or config.init)
-    llm = decoder.llm_config
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else llm.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else llm.pad_token_id
-    sampling = sampling.replace(eos_token_id=eos, pad_token_id=pad)
-
-    mesh = make_mesh(config.mesh.to_dict())
-    rules = su.DEFAULT_RULES
-    divisor = su.batch_divisor(mesh)
-    if config.batch_size % divisor:
-        raise ValueError(f"config.batch_size={config.batch_size} is not a multiple of the mesh's "
-                         f"{divisor} batch shards (config.mesh={config.mesh.to_dict()})")
-    boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
-    variables = {"params": su.shard_params(params, boxed["params"], mesh, rules)}
-
-    vision = getattr(decoder, "has_vision", False)
-    image_id = model.config.image_token_id if vision else None
-    answers: list[dict] = []
-    skipped: collections.Counter = collections.Counter()
-    pending: list[tuple[int, list[int], Any]] = []  # (index into answers, prompt ids, video)
-    for item in items:
-        record = {"id": item.get("id") if isinstance(item, dict) else None,
-                  "question": item.get("question") if isinstance(item, dict) else None,
-                  "answer": None}
-        answers.append(record)
-        video = item.get("video") if isinstance(item, dict) else None
-        reason = None
-        if not isinstance(record["question"], str) or not record["question"].strip():
-            reason = "no_question"
-        elif video is not None and not vision:
-            reason = "video_but_model_has_no_vision"
-        else:
-            text = render_prompt(record["question"], config.template, video is not None)
-            ids = tokenize_prompt(text, tokenizer, image_id)
-            text_ids = [i for i in ids if i != image_id]
-            if len(ids) > config.max_prompt_length:
-                reason = "prompt_too_long"
-            elif max(text_ids) >= llm.vocab_size:
-                reason = "token_outside_model_vocabulary"
-        if reason:
-            record["error"] = reason
-            skipped[reason] += 1
-        else:
-            pending.append((len(answers) - 1, ids, video))
-
-    key = jax.random.PRNGKey(config.seed)
-    with tqdm.tqdm(total=len(items), desc="generate", unit="question") as bar:
-        bar.update(len(items) - len(pending))  # skipped items are done
-        for start in range(0, len(pending), config.batch_size):
-            chunk = pending[start:start + config.batch_size]
-            batch, chunk_kept = _make_batch(chunk, config, pad, vision, model, skipped, answers)
-            if not chunk_kept:
-                bar.update(len(chunk))
-                continue
-            out = generate(decoder, variables, batch, jax.random.fold_in(key, start), sampling,
-                           mesh=mesh, rules=rules)
-            tokens, lengths, has_eos = (np.asarray(out.tokens), np.asarray(out.lengths),
-                                        np.asarray(out.has_eos))
-            for row, (index, _, _) in enumerate(chunk_kept):
-                answers[index]["answer"] = _answer_text(tokens[row], int(lengths[row]),
-                                                        bool(has_eos[row]), tokenizer)
-            bar.update(len(chunk))
-
+    answers, skipped = QuestionAnswerer(config, tokenizer).answer(items)
     os.makedirs(os.path.dirname(os.path.abspath(config.output)), exist_ok=True)
     with open(config.output, "w") as f:
         json.dump(answers, f, indent=2, ensure_ascii=False)
@@ -252,7 +285,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    # Standalone until launch/main.py dispatches config.stage == "generate" here:
+    # Also run by launch/main.py (config.stage == "generate"); standalone:
     #   python -m rlaif_jax.rollout.infer --config=configs/generate.py --config.init=PATH ...
     from absl import app, flags
     from ml_collections import config_flags

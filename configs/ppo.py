@@ -1,0 +1,107 @@
+"""Stage 5, PPO from AI feedback, and the main job (`python launch/main.py --config=configs/ppo.py`).
+
+Presets (`--config=configs/ppo.py:NAME`):
+  tiny      the default: the synthetic world's tiny video LLM; every earlier stage runs first when
+            its output is missing from the workdir. The policy, reference, RM and value model
+            share one frozen base (the tiny world's SFT model).
+  smoke     the same chain, small enough for CI.
+  vicuna7b  SPEC.md's recipe for real meshes: 7B policy / reference, 13B RM / value backbone,
+            LoRA r 64 alpha 16; 256 prompts an iteration left-padded to 128 tokens, up to 896
+            new tokens at temperature 1; 2 epochs of minibatches of 128; lr 3e-5 cosine after 5
+            warmup iterations, weight decay 0, one global clip of 1.0; KL coefficient 0.1 (k1).
+"""
+
+import ml_collections
+
+from configs import common as common_lib
+from configs import models
+
+
+def _base() -> ml_collections.ConfigDict:
+    c = common_lib.common("ppo")
+    c.model_kind = "video_llm"
+    c.model = models.get_config("video_tiny")  # the policy's architecture
+    c.critic_model = ml_collections.ConfigDict(type_safe=False)  # empty: the policy's base
+    c.critic_shares_base = True
+    c.full_finetune = False
+    # Where the models come from: stage directories of this workdir ('stage:NAME'), checkpoint
+    # directories or HF directories.
+    c.init = "stage:policy_init"  # policy (and reference) = this checkpoint
+    c.rm_init = "stage:rm"
+    c.run_missing_stages = True  # the main job: make what PPO needs first, saying so
+    c.num_iterations = 40
+    c.reward = ml_collections.ConfigDict(dict(
+        source="rm",  # 'rm' (RLAIF) or 'scorer' (the synthetic world's truth: the control)
+    ))
+    c.ppo = ml_collections.ConfigDict(dict(
+        rollout_batch_size=256, rollout_micro_batch=32, minibatch_size=128, train_micro_batch=0,
+        epochs=2, max_new_tokens=896, temperature=1.0, kl_coef=0.1, kl_estimator="k1",
+        no_eos_penalty=-8.0, length_penalty=-10.0, reward_scale=10.0, gamma=1.0, lam=1.0,
+        clip=0.2, value_clip=0.2, value_coef=0.1,
+        reference_pads=False,  # True: the reference's pad behaviour, everywhere
+        truncate_at_question_mark=False,  # True: the reference's "?" truncation quirk
+        prompt_bucket=16, max_prompt_length=128))
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=3e-5, warmup_iterations=5, schedule="cosine", end_factor=0.0, b1=0.9, b2=0.999,
+        eps=1e-8, weight_decay=0.0, grad_clip=1.0))
+    # Sampling may use another weight layout than training: (logical_name, mesh_axes) overrides.
+    c.rollout_rules = ()
+    c.data = ml_collections.ConfigDict(dict(
+        world="",  # '' = WORKDIR/data/world
+        prompts_file="ppo_prompts.json"))
+    c.eval = ml_collections.ConfigDict(dict(
+        every=10, batch_size=64, max_new_tokens=64, num_qa=0, key="eval/exact_match",
+        controls=True))  # the table's controls: PPO on the true reward, the blind baseline
+    c.rollouts = ml_collections.ConfigDict(dict(sample_every=10, samples=8))
+    c.checkpoint.update(dict(every=5, keep=2, async_save=False))
+    return c
+
+
+def tiny() -> ml_collections.ConfigDict:
+    c = _base()
+    c.num_iterations = 40
+    c.ppo.update(dict(rollout_batch_size=64, rollout_micro_batch=32, minibatch_size=32,
+                      max_new_tokens=48, max_prompt_length=96))
+    c.optim.update(dict(lr=1e-3, warmup_iterations=2))
+    return c
+
+
+def smoke() -> ml_collections.ConfigDict:
+    c = tiny()
+    c.num_iterations = 4
+    c.ppo.update(dict(rollout_batch_size=16, rollout_micro_batch=16, minibatch_size=16,
+                      epochs=1, max_new_tokens=16))
+    c.eval.update(dict(every=2, num_qa=16, max_new_tokens=16))
+    c.rollouts.update(dict(sample_every=2, samples=4))
+    c.checkpoint.every = 2
+    return c
+
+
+def vicuna7b() -> ml_collections.ConfigDict:
+    c = _base()
+    c.model = models.get_config("video_llava_7b")
+    c.model.llm.lora.update(dict(rank=64, alpha=16.0))
+    c.critic_model = models.get_config("video_llava_7b")
+    c.critic_model.llm = models.get_config("vicuna13b")
+    c.critic_model.llm.lora.update(dict(rank=64, alpha=16.0))
+    c.critic_shares_base = False
+    c.run_missing_stages = False  # real runs name their checkpoints
+    c.init = ""  # required: the policy-init checkpoint (sft-7b + adapter)
+    c.rm_init = ""  # required: the RM checkpoint (sft-13b + adapter + head)
+    c.num_iterations = 200
+    c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
+    c.ppo.update(dict(rollout_micro_batch=32, train_micro_batch=16, prompt_bucket=128))
+    c.eval.update(dict(every=20, max_new_tokens=512))
+    c.rollouts.sample_every = 10
+    c.checkpoint.update(dict(every=10, keep=2, async_save=True))
+    return c
+
+
+PRESETS = {"tiny": tiny, "smoke": smoke, "vicuna7b": vicuna7b}
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    arg = arg or "tiny"
+    if arg not in PRESETS:
+        raise ValueError(f"unknown ppo preset {arg!r}; choose from {sorted(PRESETS)}")
+    return common_lib.lock(PRESETS[arg]())
