@@ -75,12 +75,19 @@ def run(config) -> int:
     initialize_distributed(config.distributed)
     mesh = make_mesh(config.mesh)
     stage_dir = os.path.join(os.path.abspath(config.workdir), config.stage)
+    if config.stage == "feedback":  # not a training loop: sample, describe, judge
+        from rlaif_jax.rollout.feedback import run_feedback
+        run_feedback(config)
+        return 0
     if config.stage in ("sft", "policy_init"):
         from rlaif_jax.train.sft_stage import build_sft_stage
         stage = build_sft_stage(config, mesh)
     elif config.stage == "ppo":
         from rlaif_jax.train.ppo_stage import run_ppo_main
         return run_ppo_main(config, mesh, run)
+    elif config.stage == "rm":
+        from rlaif_jax.train.reward import build_rm_stage
+        stage, stage_dir, _ = build_rm_stage(config, mesh)  # WORKDIR/rm or rm_oracle
     else:
         raise ConfigError(f"stage={config.stage!r} is not built in this checkout")
 

@@ -53,15 +53,18 @@ def join_clip_descriptions(clip_descriptions: list[str]) -> str:
     return " ".join(parts)
 
 
-def judge_prompt(question: str, answer_1: str, answer_2: str, context: str) -> str:
+def judge_prompt(question: str, answer_1: str, answer_2: str, context: str | None) -> str:
     """The human turn of the context-aware AI judge (the reference never released its own).
 
     The video itself goes in front as the `<image>` placeholder (added by the conversation
-    builder); the judge must reply with one label of `JUDGE_CHOICES`.
+    builder); the judge must reply with one label of `JUDGE_CHOICES`. `context=None` leaves the
+    description out (the feedback stage's no-context ablation).
     """
     principles = " ".join(f"({i + 1}) {p}." for i, p in enumerate(JUDGE_PRINCIPLES))
+    described = ("" if context is None
+                 else f"Here is a detailed description of the video: {context.strip()}\n")
     return (
-        f"Here is a detailed description of the video: {context.strip()}\n"
+        described +
         f"Question: {question.strip()}\n"
         f"Answer 1: {answer_1.strip()}\n"
         f"Answer 2: {answer_2.strip()}\n"

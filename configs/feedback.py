@@ -1,0 +1,71 @@
+"""Stage 2: context-aware AI feedback (rlaif_jax/rollout/feedback.py).
+
+    python launch/main.py --config=configs/feedback.py[:PRESET] [--config.context=none]
+
+Presets:
+  tiny       the default: the SFT policy of WORKDIR/sft on the synthetic world's PPO prompts
+             (WORKDIR/data/world/ppo_prompts.json), truth from the world's scorer.
+  smoke      the same with short generations (tests).
+  vicuna7b   SPEC.md: the 7B SFT policy as sampler, describer and judge, 50 frames, 3 clips.
+Output: WORKDIR/feedback/preferences.json (reference format + confidence), metrics.jsonl.
+"""
+
+import ml_collections
+
+from configs import common as common_lib
+
+
+def _base() -> ml_collections.ConfigDict:
+    c = common_lib.common("feedback")
+    c.init = ""  # the policy; '' = WORKDIR/sft (a stage, step or HF directory)
+    c.world_dir = ""  # '' = WORKDIR/data/world (the synthetic world the SFT stage wrote)
+    c.prompts = ""  # prompt set (PPO-prompt JSON); '' = WORLD/ppo_prompts.json
+    c.video_root = ""  # relative video paths resolve here; '' = the world
+    c.tokenizer = ""  # '' = WORLD/tokenizer
+    c.truth = ""  # truth.json of the synthetic world ('' = WORLD/truth.json if any; 'none')
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # per process
+    c.batch_size = 16  # prompts a batch, all processes together
+    c.max_prompt_length = 512  # longer prompts are skipped and counted
+    c.prompt_bucket = 64
+    c.num_clips = 3  # the context: the frames cut into this many clips, each described
+    c.context = "clips"  # 'clips' or 'none' (the ablation: judge without a description)
+    c.measure_no_context = True  # with context, also judge without it (paired metric)
+    c.margin = 0.1  # drop pairs with |P(answer 1) - P(answer 2)| below this
+    c.max_judge_length = 1024  # longer judge prompts are skipped and counted
+    c.sampling = ml_collections.ConfigDict(dict(  # the two answers
+        temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=64))
+    c.context_sampling = ml_collections.ConfigDict(dict(  # clip descriptions
+        temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=64))
+    return c
+
+
+def tiny() -> ml_collections.ConfigDict:
+    return _base()
+
+
+def smoke() -> ml_collections.ConfigDict:
+    c = _base()
+    c.sampling.max_new_tokens = 24
+    c.context_sampling.max_new_tokens = 24
+    return c
+
+
+def vicuna7b() -> ml_collections.ConfigDict:
+    c = _base()
+    c.mesh.update(dict(data=-1, fsdp=1, tensor=1))
+    c.batch_size = 64
+    c.max_prompt_length = 1024
+    c.max_judge_length = 2048
+    c.sampling.update(dict(temperature=1.0, max_new_tokens=512))
+    c.context_sampling.update(dict(temperature=0.0, max_new_tokens=512))
+    return c
+
+
+PRESETS = {"tiny": tiny, "smoke": smoke, "vicuna7b": vicuna7b}
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    arg = arg or "tiny"
+    if arg not in PRESETS:
+        raise ValueError(f"unknown feedback preset {arg!r}; choose from {sorted(PRESETS)}")
+    return common_lib.lock(PRESETS[arg]())
