@@ -74,17 +74,17 @@ def resolve_checkpoint(path: str) -> tuple[str, str]:
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(path):
         raise CheckpointError(f"init checkpoint {path} does not exist")
-    if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(
-            os.path.join(path, STATE_ITEM)):
-        return "hf", path
     if os.path.isdir(os.path.join(path, STATE_ITEM)):
         return "step", path
+    # Before the HF check: a stage directory also holds a config.json (the resolved config).
     for directory in (os.path.join(path, "checkpoints"), path):
         if os.path.isdir(directory):
             steps = sorted((int(d) for d in os.listdir(directory) if d.isdigit()
                             and os.path.isdir(os.path.join(directory, d, STATE_ITEM))))
             if steps:
                 return "step", os.path.join(directory, str(steps[-1]))
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return "hf", path
     raise CheckpointError(
         f"init checkpoint {path}: neither a Hugging Face directory (config.json) nor a stage, "
         "checkpoints/ or step directory holding an orbax checkpoint")
