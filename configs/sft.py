@@ -94,6 +94,7 @@ def smoke() -> ml_collections.ConfigDict:
     """tiny on a small world, for tests: under a minute on 2 CPU cores."""
     c = tiny()
     c.data.world_args.update(dict(num_train=96, num_eval=8))
+    c.eval.update(dict(batch_size=48, num_qa=40, num_describe=8, max_new_tokens=48))
     c.num_steps = 60
     c.checkpoint.every = 60
     c.data.curriculum = (("short", 0.7), ("long", 0.3))
