@@ -85,12 +85,12 @@ def run(config) -> int:
     if config.stage in ("sft", "policy_init"):
         from rlaif_jax.train.sft_stage import build_sft_stage
         stage = build_sft_stage(config, mesh)
-    elif config.stage == "ppo":
-        from rlaif_jax.train.ppo_stage import run_ppo_main
-        return run_ppo_main(config, mesh, run)
     elif config.stage == "rm":
         from rlaif_jax.train.reward import build_rm_stage
         stage, stage_dir, _ = build_rm_stage(config, mesh)  # WORKDIR/rm or rm_oracle
+    elif config.stage == "ppo":
+        from rlaif_jax.train.ppo_stage import run_ppo_main
+        return run_ppo_main(config, mesh, run)
     else:
         raise ConfigError(f"stage={config.stage!r} is not built in this checkout")
 

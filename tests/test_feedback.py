@@ -63,7 +63,8 @@ def test_decide_averages_both_orders_and_drops_under_the_margin():
     assert p1 == pytest.approx(0.45) and confidence == pytest.approx(0.55)
 
 
-def test_judge_asks_both_orders_and_swapping_the_answers_mirrors_it(engine, prompt_data):  # noqa: F811
+def test_judge_asks_both_orders_and_swapping_the_answers_mirrors_it(
+        engine, prompt_data):  # noqa: F811
     pipe = Pipeline(prompt_data, "train", engine.tokenizer, BATCH, 256, shuffle=False)
     batch = pipe.batch(0)
     tokens = engine.encode(batch["frames"])
@@ -81,7 +82,7 @@ def test_judge_asks_both_orders_and_swapping_the_answers_mirrors_it(engine, prom
     np.testing.assert_allclose(swapped[:, 0], 1 - p[:, 1], atol=1e-5)
     np.testing.assert_allclose(swapped[:, 1], 1 - p[:, 0], atol=1e-5)
     # Column 1 is read from the judge prompt in the other order: P("2") of that prompt.
-    text = prompts.judge_prompt(prompts.IMAGE_TOKEN and feedback.question_of(turns[0]),
+    text = prompts.judge_prompt(feedback.question_of(turns[0]),
                                 answers[0][1], answers[0][0], contexts[0])
     ids = conversation.tokenize_prompt(conversation.video_question(text), engine.tokenizer)
     logp = feedback._label_logprobs_jit(

@@ -186,7 +186,8 @@ def test_bad_preference_items_are_skipped_and_counted_and_videos_split():
     assert any(table[r["id"]]["ai"] != r["preference"] for r in train)
 
 
-def test_reward_model_rows_are_the_pipelines_preference_rows(preference_data, world_tokenizer):  # noqa: F811
+def test_reward_model_rows_are_the_pipelines_preference_rows(
+        preference_data, world_tokenizer):  # noqa: F811
     from rlaif_jax.data.pipeline import Pipeline
 
     pipe = Pipeline(preference_data, "train", world_tokenizer, 4, 160, shuffle=False)
