@@ -96,3 +96,68 @@ def test_report_reads_the_main_job(main_job):
     assert "`eval/rm_accuracy_ai`" in text
     assert "| ppo_oracle |" in text and "| blind |" in text  # the controls in the table
     assert "agreement_with_truth" in text
+
+
+def test_ppo_tree_is_made_of_the_checkpoints_and_scores_as_the_rm(main_job):
+    """Policy = policy-init adapter on the SFT base, reference = that same adapter, RM = the RM
+    checkpoint; the value head starts at zero; and the RM score PPO computes on device from
+    prompt + sampled tokens + suffix equals the RM stage's own scoring of the same text."""
+    import jax
+    import numpy as np
+    import transformers
+
+    from rlaif_jax.checkpoints.orbax_io import read_step_dir
+    from rlaif_jax.checkpoints.stage_model import build_model
+    from rlaif_jax.data import conversation
+    from rlaif_jax.parallel.mesh import make_mesh
+    from rlaif_jax.parallel.sharding import make_rules
+    from rlaif_jax.train.ppo_init import load_actor_critic
+    from rlaif_jax.train.ppo_world import rm_suffix_ids
+    from rlaif_jax.train.reward import reward_model_rows, reward_scores
+
+    workdir, _, _ = main_job
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        os.path.join(workdir, "data", "world", "tokenizer"))
+    lora = dict(rank=8, alpha=16.0, targets="(q_proj|v_proj)")
+    loaded = load_actor_critic(workdir, "stage:policy_init", "stage:rm", mesh, make_rules(),
+                               tokenizer, lora)
+    tree = jax.device_get(loaded.variables())
+    policy_saved = read_step_dir(loaded.policy_step)[0]
+    rm_saved = read_step_dir(loaded.rm_step)[0]
+    same = lambda a, b: jax.tree.map(np.testing.assert_array_equal, a, b)  # noqa: E731
+    same(tree["policy"]["lora"], policy_saved["lora"])
+    same(tree["reference"]["lora"], policy_saved["lora"])
+    sft_step = os.path.join(workdir, "sft", "checkpoints", max(
+        os.listdir(os.path.join(workdir, "sft", "checkpoints")), key=int))
+    same(tree["policy"]["params"], read_step_dir(sft_step)[0]["params"])  # SFT: no adapter
+    same(tree["rm"]["head"], rm_saved["params"]["reward_head"])
+    same(tree["critic"]["params"]["llm"], rm_saved["params"]["llm"])
+    assert not loaded.models.critic_shares_base and not loaded.models.rm_has_adapter
+    assert all(np.all(x == 0) for x in jax.tree.leaves(tree["value"]["head"]))
+    assert all(np.all(x == 0) for p, x in jax.tree_util.tree_flatten_with_path(
+        tree["value"]["lora"])[0] if "lora_b" in str(p))
+
+    turn = conversation.video_question("What colour is the square?")
+    prompt = conversation.tokenize_prompt(turn, tokenizer)
+    row = reward_model_rows([turn], ["it is red"], tokenizer, 256)
+    length = int(row["attention_mask"].sum())
+    suffix = rm_suffix_ids(tokenizer, turn)
+    response = row["input_ids"][0, len(prompt):length - len(suffix)]  # tokens, then the eos
+    pad = 3  # left padding of the prompt, right padding of the response
+    frames = np.random.default_rng(0).integers(
+        0, 255, (1,) + (loaded.models.critic.config.num_frames,) + (
+            loaded.models.critic.config.vision.image_size,) * 2 + (3,), dtype=np.uint8)
+    batch = {"prompt_ids": np.pad(prompt, (pad, 0))[None],
+             "prompt_mask": np.pad(np.ones_like(prompt), (pad, 0))[None],
+             "response": np.pad(response, (0, pad))[None],
+             "mask": np.pad(np.ones_like(response), (0, pad))[None],
+             "has_video": np.ones(1, bool)}
+    batch["critic_video_tokens"] = loaded.models.encode_video(tree, frames, critic=True)
+    ppo_score = loaded.models.rm_scores(tree, batch, suffix)
+    rm_model, _ = build_model(loaded.rm_config["model_kind"], loaded.rm_config["model"],
+                              reward_head=True, tokenizer=tokenizer)
+    rm_params = dict(tree["critic"]["params"], reward_head=tree["rm"]["head"])
+    rm_score = reward_scores(rm_model, {"params": rm_params}, dict(
+        row, frames=frames, has_video=np.ones(1, bool)))
+    np.testing.assert_allclose(ppo_score, rm_score, rtol=1e-4, atol=1e-5)

@@ -220,7 +220,7 @@ class PPORun:
             keep_checkpoints=c.checkpoint.keep, async_checkpoints=c.checkpoint.async_save,
             eval_every=c.eval.every, sample_every=c.rollouts.sample_every,
             samples=c.rollouts.samples, eval_key=c.eval.key, tensorboard=c.log.tensorboard,
-            progress=c.log.progress, seed=c.seed)
+            progress=c.log.progress, seed=c.seed, name=os.path.basename(self.stage_dir))
         meta = {"init": self.loaded.policy_step, "rm_init": self.loaded.rm_step,
                 "reward": c.reward, "seed": c.seed, "config": c.to_dict()}
         evaluate = self.evaluate if c.eval.every >= 0 else None

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional
+from typing import Optional
 
-import jax
 import numpy as np
 
 from rlaif_jax.data import conversation
