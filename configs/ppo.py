@@ -79,6 +79,7 @@ def tiny() -> ml_collections.ConfigDict:
 
 def smoke() -> ml_collections.ConfigDict:
     c = tiny()
+    c.chain_preset = "smoke"
     c.num_iterations = 4
     c.ppo.update(dict(rollout_batch_size=16, rollout_micro_batch=16, minibatch_size=16,
                       epochs=1, max_new_tokens=16))

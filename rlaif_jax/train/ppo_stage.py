@@ -214,7 +214,8 @@ class PPORun:
                   f"{m.rm_has_adapter}, critic shares the policy base: {m.critic_shares_base}); "
                   f"mesh {dict(self.mesh.shape)}; {c.num_iterations} iterations of "
                   f"{self.settings.rollout_batch_size} prompts from "
-                  f"{self.prompts.pipeline.num_examples}", flush=True)
+                  f"{self.prompts.pipeline.num_examples} (skipped: "
+                  f"{dict(self.prompts.pipeline.skipped) or 'none'})", flush=True)
         options = PPOLoopOptions(
             num_iterations=int(c.num_iterations), checkpoint_every=c.checkpoint.every,
             keep_checkpoints=c.checkpoint.keep, async_checkpoints=c.checkpoint.async_save,
