@@ -72,6 +72,10 @@ def run(config) -> int:
         summary = run_generate(config)
         print(f"[generate] {json.dumps(summary)}", flush=True)
         return 0
+    if config.stage == "eval":  # benchmark runners + judges, a table (configs/eval.py)
+        from rlaif_jax.eval.run import run_eval
+        run_eval(config)
+        return 0
     # The main job calls run() again for each earlier stage, in the same process: start the
     # multi-process runtime once.
     if not jax.distributed.is_initialized():
