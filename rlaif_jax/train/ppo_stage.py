@@ -261,6 +261,8 @@ def run_ppo_stage(config, mesh, loaded=None) -> PPORun:
 
 def run_ppo_main(config, mesh, run_stage_config) -> int:
     """The main job: the missing earlier stages, PPO, the controls, then the held-out table."""
+    if config.reward not in REWARDS:  # before hours of earlier stages
+        raise ConfigError(f"reward={config.reward!r}: expected one of {sorted(REWARDS)}")
     if config.run_missing_stages:
         run_missing_stages(config, run_stage_config)
     run = run_ppo_stage(config, mesh)
