@@ -29,10 +29,15 @@ def _base() -> ml_collections.ConfigDict:
     c.init = "stage:policy_init"  # policy (and reference) = this checkpoint
     c.rm_init = "stage:rm"
     c.run_missing_stages = True  # the main job: make what PPO needs first, saying so
+    c.chain_preset = ""  # the earlier stages' presets ('tiny' or 'smoke'); '' = from this one
     c.num_iterations = 40
-    c.reward = ml_collections.ConfigDict(dict(
-        source="rm",  # 'rm' (RLAIF) or 'scorer' (the synthetic world's truth: the control)
-    ))
+    # 'rm' (RLAIF: WORKDIR/ppo) or 'truth' (the synthetic world's scorer: the true-reward
+    # control, WORKDIR/ppo_oracle)
+    c.reward = "rm"
+    # The value model's adapter when the RM was trained without one (fully fine-tuned): fresh,
+    # B zero, so the value model starts as exactly the RM's backbone.
+    c.value_lora = ml_collections.ConfigDict(dict(
+        rank=64, alpha=16.0, targets="(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"))
     c.ppo = ml_collections.ConfigDict(dict(
         rollout_batch_size=256, rollout_micro_batch=32, minibatch_size=128, train_micro_batch=0,
         epochs=2, max_new_tokens=896, temperature=1.0, kl_coef=0.1, kl_estimator="k1",
@@ -50,8 +55,10 @@ def _base() -> ml_collections.ConfigDict:
         world="",  # '' = WORKDIR/data/world
         prompts_file="ppo_prompts.json"))
     c.eval = ml_collections.ConfigDict(dict(
-        every=10, batch_size=64, max_new_tokens=64, num_qa=0, key="eval/exact_match",
-        controls=True))  # the table's controls: PPO on the true reward, the blind baseline
+        every=10,  # held-out QA every N iterations and at the end (-1: never during PPO)
+        batch_size=64, max_new_tokens=64, num_qa=0, num_describe=0,  # 0: all
+        key="eval/exact_match",  # the best checkpoint's metric
+        controls=True))  # the main job's controls and table: PPO on the true reward, blind
     c.rollouts = ml_collections.ConfigDict(dict(sample_every=10, samples=8))
     c.checkpoint.update(dict(every=5, keep=2, async_save=False))
     return c
@@ -59,19 +66,24 @@ def _base() -> ml_collections.ConfigDict:
 
 def tiny() -> ml_collections.ConfigDict:
     c = _base()
+    c.max_replicated_share = 1.0  # a width-128 model: norms and biases are a large share
     c.num_iterations = 40
+    # The reference's length penalty is -10 * len / 896: about -1 for its answers. Over 48 new
+    # tokens the same formula would be ~5x harsher than the RM's spread, so it is scaled down.
     c.ppo.update(dict(rollout_batch_size=64, rollout_micro_batch=32, minibatch_size=32,
-                      max_new_tokens=48, max_prompt_length=96))
+                      max_new_tokens=48, max_prompt_length=96, length_penalty=-1.0))
     c.optim.update(dict(lr=1e-3, warmup_iterations=2))
+    c.eval.update(dict(every=20, num_qa=256, num_describe=32, max_new_tokens=64))
     return c
 
 
 def smoke() -> ml_collections.ConfigDict:
     c = tiny()
+    c.chain_preset = "smoke"
     c.num_iterations = 4
     c.ppo.update(dict(rollout_batch_size=16, rollout_micro_batch=16, minibatch_size=16,
                       epochs=1, max_new_tokens=16))
-    c.eval.update(dict(every=2, num_qa=16, max_new_tokens=16))
+    c.eval.update(dict(every=2, batch_size=16, num_qa=16, num_describe=4, max_new_tokens=24))
     c.rollouts.update(dict(sample_every=2, samples=4))
     c.checkpoint.every = 2
     return c

@@ -76,7 +76,10 @@ def run(config) -> int:
         from rlaif_jax.eval.run import run_eval
         run_eval(config)
         return 0
-    initialize_distributed(config.distributed)
+    # The main job calls run() again for each earlier stage, in the same process: start the
+    # multi-process runtime once.
+    if not jax.distributed.is_initialized():
+        initialize_distributed(config.distributed)
     mesh = make_mesh(config.mesh)
     stage_dir = os.path.join(os.path.abspath(config.workdir), config.stage)
     if config.stage == "feedback":  # not a training loop: sample, describe, judge

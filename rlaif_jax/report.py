@@ -33,11 +33,17 @@ STAGES = ("data", "sft", "policy_init", "feedback", "rm", "ppo", "eval")
 # (stage, what) -> (preferred keys, fallback pattern over key names)
 METRICS = {
     ("sft", "loss"): (("train/loss",), r"^train/.*loss"),
-    ("rm", "accuracy"): (("eval/accuracy", "eval/rm_accuracy", "train/accuracy"),
-                         r"^(eval|train)/.*acc"),
-    ("ppo", "reward"): (("rollout/score", "rollout/reward", "rollout/rm_score"),
-                        r"^rollout/.*(score|reward)"),
+    # The RM stage writes eval/rm_accuracy_ai (vs the AI judge's labels) and _truth (vs the
+    # scorer's); train/accuracy is the training batch's.
+    ("rm", "accuracy"): (("eval/rm_accuracy_ai", "eval/accuracy", "eval/rm_accuracy",
+                          "train/accuracy"), r"^(eval|train)/.*acc"),
+    ("rm", "accuracy_truth"): (("eval/rm_accuracy_truth",), r"^eval/.*acc.*truth"),
+    # PPO writes rollout/score_mean (the RM's, or the scorer's for ppo_oracle) and
+    # rollout/reward_mean (after the KL and length shaping).
+    ("ppo", "reward"): (("rollout/score_mean", "rollout/score", "rollout/reward_mean",
+                         "rollout/reward", "rollout/rm_score"), r"^rollout/.*(score|reward)"),
     ("ppo", "kl"): (("rollout/kl", "train/kl"), r"^(rollout|train)/.*kl"),
+    ("ppo", "heldout"): (("eval/exact_match",), r"^eval/exact"),
 }
 AGREEMENT = re.compile(r"agree", re.I)
 EVAL_ROW_ORDER = ("sft", "policy_init", "rlaif", "ppo", "oracle", "ppo_oracle", "blind",
@@ -210,11 +216,15 @@ def build_report(workdir: str) -> str:
     else:
         report.not_run("Judge agreement", "feedback")
 
-    report.curve_section("Reward model accuracy", "rm", [("accuracy", "RM pairwise accuracy")],
+    report.curve_section("Reward model accuracy", "rm",
+                         [("accuracy", "RM pairwise accuracy (AI labels)"),
+                          ("accuracy_truth", "RM pairwise accuracy (true labels)")],
                          "rm_accuracy.png")
     report.curve_section("SFT loss", "sft", [("loss", "SFT training loss")], "sft_loss.png")
     report.curve_section("PPO reward and KL per iteration", "ppo",
-                         [("reward", "reward (RM score)"), ("kl", "KL to the reference")],
+                         [("reward", "reward (RM score; the scorer's for ppo_oracle)"),
+                          ("kl", "KL to the reference"),
+                          ("heldout", "held-out QA exact match")],
                          "ppo_reward_kl.png", xlabel="iteration")
     path = os.path.join(workdir, "report.md")
     atomic_write_text(path, "\n".join(report.lines).rstrip() + "\n")

@@ -27,7 +27,8 @@ def launch(args: list[str], devices: int = 1, timeout: int = 300) -> subprocess.
 
 def run_smoke_sft(workdir: str) -> subprocess.CompletedProcess:
     result = launch(["--config=" + os.path.join(ROOT, "configs", "sft.py") + ":smoke",
-                     f"--config.workdir={workdir}", "--config.log.progress=false"])
+                     f"--config.workdir={workdir}", "--config.log.progress=false"],
+                    timeout=900)  # a loaded shared machine has taken over 5 minutes
     if result.returncode != 0:
         raise RuntimeError(f"the SFT smoke stage failed:\n{result.stderr[-4000:]}")
     return result

@@ -44,6 +44,7 @@ class PPOLoopOptions:
     tensorboard: bool = True
     progress: bool = True
     seed: int = 0
+    name: str = "ppo"  # the run's name in logs and metrics (ppo, ppo_oracle)
 
 
 def write_rollout_samples(path: str, rollout: dict, count: int,
@@ -90,10 +91,11 @@ def run_ppo(trainer: PPOTrainer, fresh_state: Callable[[], tuple[TrainState, Any
         if int(stored.get("iteration", -1)) != start:
             raise RuntimeError(f"checkpoint {start} is inconsistent: {stored}")
         if primary:
-            print(f"[ppo] resuming at iteration {start}", flush=True)
-    writer = MetricsWriter(stage_dir, "ppo", enabled=primary, tensorboard=options.tensorboard)
+            print(f"[{options.name}] resuming at iteration {start}", flush=True)
+    writer = MetricsWriter(stage_dir, options.name, enabled=primary,
+                           tensorboard=options.tensorboard)
     watch = PreemptionWatch()
-    bar = tqdm(total=options.num_iterations, initial=start, desc="ppo", unit="iter",
+    bar = tqdm(total=options.num_iterations, initial=start, desc=options.name, unit="iter",
                disable=not (primary and options.progress), dynamic_ncols=True)
     base_meta = dict(meta or {})
 
@@ -108,7 +110,7 @@ def run_ppo(trainer: PPOTrainer, fresh_state: Callable[[], tuple[TrainState, Any
         values = {k: float(v) for k, v in evaluate(state, frozen).items()}
         writer.write(iteration, values)
         if primary:
-            print(f"[ppo] iteration {iteration}: " + ", ".join(
+            print(f"[{options.name}] iteration {iteration}: " + ", ".join(
                 f"{k}={v:.4g}" for k, v in sorted(values.items())), flush=True)
         value = values.get(options.eval_key)
         if value is not None and math.isfinite(value) and value > best_value:
@@ -130,8 +132,9 @@ def run_ppo(trainer: PPOTrainer, fresh_state: Callable[[], tuple[TrainState, Any
             done = iteration + 1
             bad = [k for k, v in metrics.items() if not math.isfinite(v)]
             if bad:
-                raise TrainingDiverged(f"ppo: {', '.join(bad)} not finite at iteration {done}; "
-                                       f"stopping (last checkpoint: {checkpoints.latest_step()})")
+                raise TrainingDiverged(
+                    f"{options.name}: {', '.join(bad)} not finite at iteration {done}; "
+                    f"stopping (last checkpoint: {checkpoints.latest_step()})")
             metrics["train/optimizer_step"] = float(jax.device_get(state.step))
             writer.write(done, metrics)
             last = metrics

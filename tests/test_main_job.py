@@ -1,0 +1,163 @@
+"""The main job end to end on the `smoke` chain: `launch/main.py --config=configs/ppo.py:smoke`.
+
+Starts from a copy of the session's SFT smoke workdir (the world and the SFT stage), so the job
+runs the rest of the chain (policy init, feedback, RM), PPO on the RM, the true-reward control
+and the held-out table in one process; a rerun then redoes nothing. The report reads it all.
+"""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from tests.stage_fixtures import ROOT, launch
+
+PPO = os.path.join(ROOT, "configs", "ppo.py") + ":smoke"
+
+
+def _metrics(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def main_job(smoke_workdir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("main_job") / "work"
+    workdir.mkdir()
+    for part in ("data", "sft"):  # a private copy: other tests may add stages to the fixture
+        shutil.copytree(os.path.join(smoke_workdir, part), workdir / part, symlinks=True)
+    args = [f"--config={PPO}", f"--config.workdir={workdir}", "--config.log.progress=false",
+            "--config.log.tensorboard=false"]
+    first = launch(args, timeout=900)
+    assert first.returncode == 0, first.stderr[-4000:]
+    second = launch(args, timeout=600)
+    assert second.returncode == 0, second.stderr[-4000:]
+    return str(workdir), first.stdout, second.stdout
+
+
+def test_main_job_runs_the_missing_stages_in_order_then_ppo(main_job):
+    workdir, out, _ = main_job
+    announced = [line for line in out.splitlines() if "running stage" in line]
+    assert [line.split("running stage ")[1].split()[0] for line in announced] == [
+        "policy_init", "feedback", "rm"]  # sft was there: not redone
+    assert "not redoing stage sft" in out
+    for stage in ("policy_init", "rm"):
+        assert os.listdir(os.path.join(workdir, stage, "checkpoints"))
+    assert json.load(open(os.path.join(workdir, "feedback", "preferences.json")))
+    for stage in ("ppo", "ppo_oracle"):
+        assert sorted(os.listdir(os.path.join(workdir, stage, "checkpoints")))[-1] == "4"
+        records = _metrics(os.path.join(workdir, stage, "metrics.jsonl"))
+        iterations = [r["step"] for r in records if "rollout/score_mean" in r]
+        assert iterations == [1, 2, 3, 4]
+        kl = [r["rollout/kl"] for r in records if "rollout/kl" in r]
+        assert all(k >= 0 for k in kl) and kl[0] == pytest.approx(0.0, abs=1e-4)
+        evals = [r["step"] for r in records if "eval/exact_match" in r]
+        assert evals == [2, 4]
+        assert os.path.isfile(os.path.join(workdir, stage, "best.json"))
+    # The RLAIF run scored with the RM; the control with the scorer (in [0, 1]).
+    oracle = [r["rollout/score_mean"] for r in _metrics(
+        os.path.join(workdir, "ppo_oracle", "metrics.jsonl")) if "rollout/score_mean" in r]
+    assert all(0.0 <= s <= 1.0 for s in oracle)
+
+
+def test_main_job_prints_the_held_out_table(main_job):
+    workdir, out, _ = main_job
+    assert "[table] held-out questions" in out
+    table = out[out.index("[table] held-out questions"):]
+    for row in ("sft", "policy_init", "ppo", "ppo_oracle", "blind"):
+        assert f"| {row} |" in table
+        result = json.load(open(os.path.join(workdir, "eval", row, "results.json")))
+        assert 0.0 <= result["metrics"]["eval/exact_match"] <= 1.0
+        assert "synthetic_qa" in result["tasks"]
+
+
+def test_rerun_resumes_instead_of_redoing(main_job):
+    workdir, first, second = main_job
+    assert "running stage" not in second
+    for stage in ("sft", "policy_init", "feedback", "rm"):
+        assert f"not redoing stage {stage}" in second
+    assert "[ppo] done already" in second and "[ppo_oracle] done already" in second
+    # No PPO iteration ran twice; the table came back from the eval files unchanged.
+    records = _metrics(os.path.join(workdir, "ppo", "metrics.jsonl"))
+    assert [r["step"] for r in records if "rollout/score_mean" in r] == [1, 2, 3, 4]
+    table = lambda out: out[out.index("[table] held-out questions"):].split("\n\n")[0]  # noqa
+    assert table(second) == table(first)
+
+
+def test_report_reads_the_main_job(main_job):
+    from rlaif_jax.report import build_report
+
+    workdir, _, _ = main_job
+    text = open(build_report(workdir)).read()
+    for png in ("sft_loss.png", "rm_accuracy.png", "ppo_reward_kl.png"):
+        assert os.path.isfile(os.path.join(workdir, png)), png
+    assert "`rollout/score_mean`" in text and "`rollout/kl`" in text
+    assert "`eval/rm_accuracy_ai`" in text
+    assert "| ppo_oracle |" in text and "| blind |" in text  # the controls in the table
+    assert "agreement_with_truth" in text
+
+
+def test_ppo_tree_is_made_of_the_checkpoints_and_scores_as_the_rm(main_job):
+    """Policy = policy-init adapter on the SFT base, reference = that same adapter, RM = the RM
+    checkpoint; the value head starts at zero; and the RM score PPO computes on device from
+    prompt + sampled tokens + suffix equals the RM stage's own scoring of the same text."""
+    import jax
+    import numpy as np
+    import transformers
+
+    from rlaif_jax.checkpoints.orbax_io import read_step_dir
+    from rlaif_jax.checkpoints.stage_model import build_model
+    from rlaif_jax.data import conversation
+    from rlaif_jax.parallel.mesh import make_mesh
+    from rlaif_jax.parallel.sharding import make_rules
+    from rlaif_jax.train.ppo_init import load_actor_critic
+    from rlaif_jax.train.ppo_world import rm_suffix_ids
+    from rlaif_jax.train.reward import reward_model_rows, reward_scores
+
+    workdir, _, _ = main_job
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        os.path.join(workdir, "data", "world", "tokenizer"))
+    lora = dict(rank=8, alpha=16.0, targets="(q_proj|v_proj)")
+    loaded = load_actor_critic(workdir, "stage:policy_init", "stage:rm", mesh, make_rules(),
+                               tokenizer, lora)
+    tree = jax.device_get(loaded.variables())
+    policy_saved = read_step_dir(loaded.policy_step)[0]
+    rm_saved = read_step_dir(loaded.rm_step)[0]
+    same = lambda a, b: jax.tree.map(np.testing.assert_array_equal, a, b)  # noqa: E731
+    same(tree["policy"]["lora"], policy_saved["lora"])
+    same(tree["reference"]["lora"], policy_saved["lora"])
+    sft_step = os.path.join(workdir, "sft", "checkpoints", max(
+        os.listdir(os.path.join(workdir, "sft", "checkpoints")), key=int))
+    same(tree["policy"]["params"], read_step_dir(sft_step)[0]["params"])  # SFT: no adapter
+    same(tree["rm"]["head"], rm_saved["params"]["reward_head"])
+    same(tree["critic"]["params"]["llm"], rm_saved["params"]["llm"])
+    assert not loaded.models.critic_shares_base and not loaded.models.rm_has_adapter
+    assert all(np.all(x == 0) for x in jax.tree.leaves(tree["value"]["head"]))
+    assert all(np.all(x == 0) for p, x in jax.tree_util.tree_flatten_with_path(
+        tree["value"]["lora"])[0] if "lora_b" in str(p))
+
+    turn = conversation.video_question("What colour is the square?")
+    prompt = conversation.tokenize_prompt(turn, tokenizer)
+    row = reward_model_rows([turn], ["it is red"], tokenizer, 256)
+    length = int(row["attention_mask"].sum())
+    suffix = rm_suffix_ids(tokenizer, turn)
+    response = row["input_ids"][0, len(prompt):length - len(suffix)]  # tokens, then the eos
+    pad = 3  # left padding of the prompt, right padding of the response
+    frames = np.random.default_rng(0).integers(
+        0, 255, (1,) + (loaded.models.critic.config.num_frames,) + (
+            loaded.models.critic.config.vision.image_size,) * 2 + (3,), dtype=np.uint8)
+    batch = {"prompt_ids": np.pad(prompt, (pad, 0))[None],
+             "prompt_mask": np.pad(np.ones_like(prompt), (pad, 0))[None],
+             "response": np.pad(response, (0, pad))[None],
+             "mask": np.pad(np.ones_like(response), (0, pad))[None],
+             "has_video": np.ones(1, bool)}
+    batch["critic_video_tokens"] = loaded.models.encode_video(tree, frames, critic=True)
+    ppo_score = loaded.models.rm_scores(tree, batch, suffix)
+    rm_model, _ = build_model(loaded.rm_config["model_kind"], loaded.rm_config["model"],
+                              reward_head=True, tokenizer=tokenizer)
+    rm_params = dict(tree["critic"]["params"], reward_head=tree["rm"]["head"])
+    rm_score = reward_scores(rm_model, {"params": rm_params}, dict(
+        row, frames=frames, has_video=np.ones(1, bool)))
+    np.testing.assert_allclose(ppo_score, rm_score, rtol=1e-4, atol=1e-5)
