@@ -32,9 +32,10 @@ def _args(argv=None):
 
 
 def sft_step_memory(preset: str, data: int = 1, fsdp: int = -1, tensor: int = 1,
-                    layers: int = 0, seq_len: int = 2048, batch: int = 0, accum: int = 0) -> dict:
-    """Compiles the preset's SFT step for the current devices; returns memory_analysis() fields
-    in bytes per device, and what was compiled."""
+                    layers: int = 0, seq_len: int = 2048, batch: int = 0, accum: int = 0,
+                    devices=None) -> dict:
+    """Compiles the preset's SFT step for `devices` (default: this host's); returns
+    memory_analysis() fields in bytes per device, and what was compiled."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -65,7 +66,8 @@ def sft_step_memory(preset: str, data: int = 1, fsdp: int = -1, tensor: int = 1,
             config.trainable = "lora/.*"
         model, init_variables = sft.build_model(config)
         note = "text LLaMA only (video LLM not wired in this checkout)"
-    mesh = make_mesh(config.mesh)
+    mesh = make_mesh(config.mesh, devices)
+    device = mesh.devices.flat[0]
     tx, schedule = optim.make_optimizer(config.optim, config.num_steps)
     layout = plan_state(init_variables, tx, mesh, make_rules(config.rules), config.trainable,
                         config.frozen, config.max_replicated_share)
@@ -84,8 +86,8 @@ def sft_step_memory(preset: str, data: int = 1, fsdp: int = -1, tensor: int = 1,
     nbytes = lambda tree: sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(tree))
     result.update(
         preset=preset, model=note or config.model_kind, mesh=dict(mesh.shape),
-        devices=jax.device_count(), platform=jax.devices()[0].platform,
-        estimate=jax.devices()[0].platform == "cpu", num_layers=config.model.num_layers,
+        devices=mesh.devices.size, platform=device.platform,
+        estimate=device.platform == "cpu", num_layers=config.model.num_layers,
         global_batch=config.batch_size, accum_steps=config.accum_steps, seq_len=seq_len,
         trainable_bytes=nbytes(layout.abstract_state.params),
         optimizer_bytes=nbytes(layout.abstract_state.opt_state),
