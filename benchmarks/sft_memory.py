@@ -34,9 +34,9 @@ def _args(argv=None):
 
 def sft_step_memory(preset: str, data: int = 1, fsdp: int = -1, tensor: int = 1,
                     layers: int = 0, seq_len: int = 2048, batch: int = 0, accum: int = 0,
-                    text_only: bool = False) -> dict:
-    """Compiles the preset's SFT step for the current devices; returns memory_analysis() fields
-    in bytes per device, and what was compiled. A video preset compiles the whole video LLM
+                    text_only: bool = False, devices=None) -> dict:
+    """Compiles the preset's SFT step for `devices` (default: this host's); returns
+    memory_analysis() fields in bytes per device, and what was compiled. A video preset compiles the whole video LLM
     (CLIP on every frame, projector, pooling, LLM over seq_len + video tokens - 1) unless
     `text_only`; `layers` sets the LLM's depth."""
     import jax
@@ -67,7 +67,8 @@ def sft_step_memory(preset: str, data: int = 1, fsdp: int = -1, tensor: int = 1,
         if accum:
             config.accum_steps = accum
     model, init_variables = model_init.build_model(config)
-    mesh = make_mesh(config.mesh)
+    mesh = make_mesh(config.mesh, devices)
+    device = mesh.devices.flat[0]
     tx, schedule = optim.make_optimizer(config.optim, config.num_steps)
     layout = plan_state(init_variables, tx, mesh, make_rules(config.rules), config.trainable,
                         config.frozen, config.max_replicated_share)
@@ -91,8 +92,8 @@ def sft_step_memory(preset: str, data: int = 1, fsdp: int = -1, tensor: int = 1,
     nbytes = lambda tree: sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(tree))
     result.update(
         preset=preset, model=config.model_kind, mesh=dict(mesh.shape),
-        devices=jax.device_count(), platform=jax.devices()[0].platform,
-        estimate=jax.devices()[0].platform == "cpu", num_layers=llm.num_layers,
+        devices=mesh.devices.size, platform=device.platform,
+        estimate=device.platform == "cpu", num_layers=llm.num_layers,
         global_batch=config.batch_size, accum_steps=config.accum_steps, seq_len=seq_len,
         video_tokens=model.config.num_video_tokens if video else 0,
         trainable_bytes=nbytes(layout.abstract_state.params),

@@ -1,8 +1,9 @@
 """SFT train step (forward, backward, AdamW) of our LLaMA vs transformers' LlamaForCausalLM.
 
-Same dims, same batch, float32, one process, runs alternated; prints one JSON object a line:
-the median step time of each, the ratio ours/theirs, FLOPs and the share of this machine's
-measured matmul ceiling that each reaches.
+Same dims, same batch, same initial weights (ours are loaded from theirs), float32, one process,
+runs alternated; prints one JSON object a line: the median step time of each, the ratio
+ours/theirs, FLOPs and the share of this machine's measured matmul ceiling that each reaches.
+With --profile also where each step's time goes (benchmarks/profile.py).
 
     python -m benchmarks.train_step [--layers 8 --hidden 512 --heads 8 --length 512 --batch 4]
 """
@@ -11,8 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -21,61 +21,60 @@ import optax
 import torch
 import transformers
 
-from rlaif_jax.checkpoints.hf import llama_config_to_hf
+import rlaif_jax
+from benchmarks.common import alternate, machine, matmul_ceiling_flops
+from benchmarks.profile import jax_breakdown, rounded, torch_breakdown
 from rlaif_jax.models.flops import llama_train_step_flops
-from rlaif_jax.models.llama import Llama, LlamaConfig
 
 
-def matmul_ceiling_flops(size: int = 2048, repeats: int = 5) -> float:
-    """Best observed float32 matmul rate of this machine through XLA (FLOP/s)."""
-    a = jnp.ones((size, size), jnp.float32)
-    matmul = jax.jit(lambda x: x @ x)
-    matmul(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+def next_token_loss(logits, ids):
+    """Mean next-token cross entropy, transformers' shift: the logit at t predicts ids[t + 1].
+    The targets are shifted, not the logits, so no [B, L-1, V] copy of the logits is made;
+    the last position has no target and weighs zero."""
+    targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
+    weight = jnp.ones(ids.shape, jnp.float32).at[:, -1].set(0.0)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum((logz - picked) * weight) / jnp.sum(weight)
 
 
-def shifted_cross_entropy(logits, labels):
-    return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], labels[:, 1:]).mean()
+def adamw_step(loss_fn, optimizer):
+    """A jitted (params, opt_state), batch -> new state, loss; the state is donated."""
 
-
-def make_ours(config: LlamaConfig, input_ids):
-    model = Llama(config)
-    params = jax.jit(model.init)(jax.random.PRNGKey(0), input_ids)["params"]
-    params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, params,
-                          is_leaf=lambda x: hasattr(x, "value"))
-    optimizer = optax.adamw(1e-4)
-    state = (params, optimizer.init(params))
-
-    @jax.jit
-    def step(state, ids):
+    def step(state, batch):
         params, opt_state = state
-
-        def loss_fn(p):
-            return shifted_cross_entropy(model.apply({"params": p}, ids).logits, ids)
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), loss
 
-    holder = {"state": state}
+    return jax.jit(step, donate_argnums=0)
 
-    def run():
-        holder["state"], loss = step(holder["state"], input_ids)
+
+class Stepper:
+    """Holds the state of a compiled step and runs it on a fixed batch."""
+
+    def __init__(self, step, params, optimizer, batch):
+        state = (params, optimizer.init(params))
+        self.compiled = step.lower(state, batch).compile()
+        self.state, self.batch = state, batch
+
+    def __call__(self):
+        self.state, loss = self.compiled(self.state, self.batch)
         loss.block_until_ready()
 
-    return run
 
-
-def make_theirs(config: LlamaConfig, input_ids):
+def hf_llama(args) -> transformers.LlamaForCausalLM:
     torch.manual_seed(0)
-    hf_config = transformers.LlamaConfig(**llama_config_to_hf(config))
-    hf_config._attn_implementation = "sdpa"
-    model = transformers.LlamaForCausalLM(hf_config).train()
+    config = transformers.LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+        intermediate_size=int(args.hidden * 8 / 3) // 8 * 8, num_attention_heads=args.heads,
+        max_position_embeddings=max(args.length, 64), pad_token_id=0, bos_token_id=1,
+        eos_token_id=2)
+    config._attn_implementation = "sdpa"
+    return transformers.LlamaForCausalLM(config).train()
+
+
+def make_theirs(model, input_ids):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
 
@@ -90,41 +89,66 @@ def make_theirs(config: LlamaConfig, input_ids):
     return run
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--length", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--runs", type=int, default=5)
-    args = parser.parse_args()
+def make_ours(theirs_model, input_ids, scan_layers: bool = True) -> Stepper:
+    with tempfile.TemporaryDirectory() as directory:
+        theirs_model.save_pretrained(directory)
+        model, params = rlaif_jax.from_pretrained(directory, dtype="float32",
+                                                  scan_layers=scan_layers)
+    optimizer = optax.adamw(1e-4)
 
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
-                         intermediate_size=int(args.hidden * 8 / 3) // 8 * 8,
-                         num_layers=args.layers, num_heads=args.heads)
+    def loss_fn(params, ids):
+        return next_token_loss(model.apply({"params": params}, ids).logits, ids)
+
+    return Stepper(adamw_step(loss_fn, optimizer), params, optimizer, jnp.asarray(input_ids))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--length", type=int, default=512)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--scan_layers", type=int, default=1, help="0: unrolled layers")
+    p.add_argument("--profile", action="store_true", help="also print where the time goes")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     input_ids = np.random.default_rng(0).integers(3, args.vocab, (args.batch, args.length),
                                                   dtype=np.int32)
-    ours, theirs = make_ours(config, jnp.asarray(input_ids)), make_theirs(config, input_ids)
-    ours(), theirs()  # compile / warm up
-    times = {"ours": [], "theirs": []}
-    for _ in range(args.runs):
-        for name, run in (("ours", ours), ("theirs", theirs)):
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
+    theirs_model = hf_llama(args)
+    ours = make_ours(theirs_model, input_ids, bool(args.scan_layers))
+    theirs = make_theirs(theirs_model, input_ids)
+    times = alternate({"ours": ours, "theirs": theirs}, args.runs)
+    config = rlaif_jax.models.llama.LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
+        num_heads=args.heads, intermediate_size=int(args.hidden * 8 / 3) // 8 * 8)
     flops = llama_train_step_flops(config, args.batch, args.length)
     ceiling = matmul_ceiling_flops()
-    median = {name: statistics.median(t) for name, t in times.items()}
-    print(json.dumps({
-        "name": "sft_train_step", "dims": vars(args), "torch_threads": torch.get_num_threads(),
-        "ours_s": median["ours"], "theirs_s": median["theirs"],
-        "ratio_ours_over_theirs": median["ours"] / median["theirs"],
-        "flops_per_step": flops, "matmul_ceiling_flops": ceiling,
-        "ours_share_of_ceiling": flops / median["ours"] / ceiling,
-        "theirs_share_of_ceiling": flops / median["theirs"] / ceiling,
-    }))
+    ours_s, theirs_s = times["ours"]["wall_s"], times["theirs"]["wall_s"]
+    record = {
+        "name": "sft_train_step", "dims": vars(args), **machine(),
+        "ours_s": round(ours_s, 4), "theirs_s": round(theirs_s, 4),
+        "ratio_ours_over_theirs": round(ours_s / theirs_s, 3),
+        "cpu_ratio_ours_over_theirs": round(times["ours"]["cpu_s"] / times["theirs"]["cpu_s"], 3),
+        "ours_wall_all_s": times["ours"]["wall_all_s"],
+        "theirs_wall_all_s": times["theirs"]["wall_all_s"],
+        "flops_per_step": flops, "matmul_ceiling_flops": round(ceiling),
+        "ours_tflops": round(flops / ours_s / 1e12, 4),
+        "ours_share_of_ceiling": round(flops / ours_s / ceiling, 3),
+        "theirs_share_of_ceiling": round(flops / theirs_s / ceiling, 3),
+    }
+    print(json.dumps(record), flush=True)
+    if args.profile:
+        print(json.dumps({
+            "name": "sft_train_step_profile", "dims": vars(args),
+            "ours_s_by_part": rounded(jax_breakdown(ours.compiled, ours)),
+            "theirs_s_by_op": rounded(torch_breakdown(theirs, args.vocab)),
+        }), flush=True)
 
 
 if __name__ == "__main__":

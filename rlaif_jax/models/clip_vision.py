@@ -20,6 +20,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from rlaif_jax.models.attention import dot_product_attention
 from rlaif_jax.models.llama import DTYPES, REMAT_POLICIES
 from rlaif_jax.models.lora import Projection
 
@@ -175,7 +176,7 @@ class ClipAttention(nn.Module):
         v = Projection(width, ("embed", "heads"), name="v_proj", **proj)(x)
         q, k, v = (t.reshape(batch, length, heads, head_dim) for t in (q, k, v))
         q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", None))
-        out = jax.nn.dot_product_attention(q, k, v)  # full (bidirectional), scale head_dim^-0.5
+        out = dot_product_attention(q, k, v)  # full (bidirectional), scale head_dim^-0.5
         out = out.reshape(batch, length, width)
         return Projection(width, ("heads", "embed"), name="out_proj", **proj)(out)
 

@@ -17,6 +17,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from rlaif_jax.models.attention import dot_product_attention
 from rlaif_jax.models.lora import LoraConfig, Projection
 
 REMAT_POLICIES = {
@@ -173,7 +174,7 @@ class Attention(nn.Module):
             v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
             new_cache = {"k": k, "v": v}
 
-        out = jax.nn.dot_product_attention(
+        out = dot_product_attention(
             q.astype(cfg.compute_dtype), k.astype(cfg.compute_dtype), v.astype(cfg.compute_dtype),
             mask=mask)
         out = out.reshape(batch, length, heads * head_dim)

@@ -1,0 +1,52 @@
+"""Shared pieces of the CPU benchmarks: alternated timing, the matmul ceiling, machine facts."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Callable
+
+
+def alternate(runners: dict[str, Callable[[], None]], runs: int) -> dict[str, dict]:
+    """Times each runner `runs` times, alternating between them (so load that comes and goes
+    hits every side alike) after one untimed warm-up call each. Returns per name the median
+    wall and process-CPU seconds and every wall time."""
+    for run in runners.values():
+        run()
+    wall = {name: [] for name in runners}
+    cpu = {name: [] for name in runners}
+    for _ in range(runs):
+        for name, run in runners.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            run()
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    return {name: {"wall_s": statistics.median(wall[name]),
+                   "cpu_s": statistics.median(cpu[name]),
+                   "wall_all_s": [round(t, 4) for t in wall[name]]} for name in runners}
+
+
+def matmul_ceiling_flops(size: int = 2048, repeats: int = 5) -> float:
+    """Best observed float32 matmul rate of this machine through XLA (FLOP/s)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((size, size), jnp.float32)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def machine() -> dict:
+    """What a reader needs to judge a timing: cores, load, thread settings."""
+    import torch
+
+    return {"cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
+            "torch_threads": torch.get_num_threads(),
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}

@@ -1,0 +1,59 @@
+"""The benchmark harness's own logic (no timings: numbers stay out of tests)."""
+
+import json
+import subprocess
+import sys
+
+from benchmarks import profile, run
+
+
+def test_profile_parts_name_the_model_scopes():
+    assert profile._part("jit(step)/jvp(Llama)/Llama.logits/lm_head/dot_general") == "lm head"
+    assert profile._part("jit(step)/transpose(jvp(Llama))/while/body/closed_call/layers/"
+                         "self_attn/q_proj/...i,io->...o/dot_general") == "attention projections"
+    assert profile._part("jit(step)/jvp(Llama)/while/body/closed_call/layers/self_attn/"
+                         "jit(_where)/select_n") == "attention scores/softmax/rope"
+    assert profile._part("jit(step)/jvp(VideoLLM)/vision/layers/mlp/fc1") == "vision tower"
+    assert profile._part("jit(step)/jvp()/exp") == "loss"
+    assert profile._part("jit(step)/add") == "optimizer"
+
+
+def test_op_names_read_from_hlo_text():
+    text = ('  %dot.64 = f32[512,32000]{1,0} dot(%a, %b), metadata={op_name="jit(step)/x/lm_head"}\n'
+            '  ROOT %tuple.1 = (f32[]) tuple(%c)\n')
+    assert profile._op_names(text) == {"dot.64": "jit(step)/x/lm_head"}
+
+
+def test_summary_lists_each_ratio_and_errors():
+    records = [
+        {"name": "sft_train_step", "ratio_ours_over_theirs": 0.75},
+        {"name": "generation", "mode": "greedy", "tokens_per_s_ratio_ours_over_theirs": 2.5},
+        {"name": "data_pipeline/decode", "source_frames": 8, "ratio_vs_loop_per_item": 3.0,
+         "ratio_vs_loop_per_video": 1.2},
+        {"name": "video_llm_train_step", "error": "exit 1: boom"},
+    ]
+    table = run.summary(records).splitlines()
+    assert table[0].split() == ["benchmark", "ratio", "value", "better"]
+    assert any("sft_train_step" in row and "0.750" in row and "lower" in row for row in table)
+    assert any("[greedy]" in row and "2.500" in row and "higher" in row for row in table)
+    assert sum("data_pipeline/decode [8-frame sources]" in row for row in table) == 2
+    assert any("video_llm_train_step" in row and "error" in row for row in table)
+
+
+def test_run_rejects_unknown_benchmark():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--only", "nope"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "unknown benchmarks ['nope']" in proc.stderr
+
+
+def test_run_one_names_lines_and_reports_failures(monkeypatch):
+    class Done:
+        returncode = 2
+        stdout = json.dumps({"benchmark": "decode", "ratio_vs_loop_per_item": 2.0}) + "\nnoise\n"
+        stderr = "Traceback\nValueError: bad\n"
+
+    monkeypatch.setattr(run.subprocess, "run", lambda *a, **k: Done())
+    records = run.run_one("data_pipeline", quick=True, profile=False, timeout=5)
+    assert records[0]["name"] == "data_pipeline/decode"
+    assert records[1]["name"] == "data_pipeline" and "exit 2" in records[1]["error"]
+    assert "ValueError: bad" in records[1]["error"]
