@@ -32,9 +32,11 @@ import re
 import sys
 import time
 
-# Per-chip memory of the targets, GiB (for the "fits" column).
-CHIP_GIB = {"v5e": 16, "v5 lite": 16, "v4": 32, "v5p": 95, "v6e": 32, "v6 lite": 32, "h100": 80,
-            "h200": 141}
+# Usable memory a device, GiB (for the "fits" column): what the TPU compiler reports as
+# available HBM for v5e (16 GiB chips) and v4 (32 GiB), nvidia-smi's total for H100/H200; the
+# others are nominal.
+CHIP_GIB = {"v5e": 15.75, "v5 lite": 15.75, "v4": 30.75, "v5p": 95, "v6e": 32, "v6 lite": 32,
+            "h100": 79.6, "h200": 139.8}
 
 
 def _args(argv=None):

@@ -18,6 +18,11 @@ import subprocess
 import sys
 import time
 
+# XLA:CPU matmuls through oneDNN instead of YNNPACK: ~10% faster train steps on this CPU
+# (docs/benchmarks.md). Used unless XLA_FLAGS is set; every line records the flags it ran with.
+CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=eltwise "
+                 "--xla_cpu_experimental_onednn_fusion_type=dot")
+
 # name -> (module, full args, quick args, the ratio fields its lines carry: (field, lower is better))
 BENCHMARKS = {
     "sft_train_step": ("benchmarks.train_step", [], ["--runs", "3", "--layers", "4"],
@@ -41,6 +46,7 @@ def run_one(name: str, quick: bool, profile: bool, timeout: float) -> list[dict]
         args.append("--profile")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+    env.setdefault("XLA_FLAGS", CPU_XLA_FLAGS)
     started = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True,

@@ -89,11 +89,13 @@ def make_theirs(model, input_ids):
     return run
 
 
-def make_ours(theirs_model, input_ids, scan_layers: bool = True) -> Stepper:
+def make_ours(theirs_model, input_ids, scan_layers: bool = True,
+              attention_block: int = 0) -> Stepper:
     with tempfile.TemporaryDirectory() as directory:
         theirs_model.save_pretrained(directory)
         model, params = rlaif_jax.from_pretrained(directory, dtype="float32",
-                                                  scan_layers=scan_layers)
+                                                  scan_layers=scan_layers,
+                                                  attention_block=attention_block)
     optimizer = optax.adamw(1e-4)
 
     def loss_fn(params, ids):
@@ -112,6 +114,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--scan_layers", type=int, default=1, help="0: unrolled layers")
+    p.add_argument("--attention_block", type=int, default=128,
+                   help="causal query blocks (LlamaConfig.attention_block); 0: dense attention")
     p.add_argument("--profile", action="store_true", help="also print where the time goes")
     return p
 
@@ -121,7 +125,7 @@ def main(argv=None):
     input_ids = np.random.default_rng(0).integers(3, args.vocab, (args.batch, args.length),
                                                   dtype=np.int32)
     theirs_model = hf_llama(args)
-    ours = make_ours(theirs_model, input_ids, bool(args.scan_layers))
+    ours = make_ours(theirs_model, input_ids, bool(args.scan_layers), args.attention_block)
     theirs = make_theirs(theirs_model, input_ids)
     times = alternate({"ours": ours, "theirs": theirs}, args.runs)
     config = rlaif_jax.models.llama.LlamaConfig(

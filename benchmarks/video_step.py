@@ -46,6 +46,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--length", type=int, default=128, help="text tokens a row")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--attention_block", type=int, default=128,
+                   help="causal query blocks of the LLaMA (LlamaConfig.attention_block)")
     p.add_argument("--profile", action="store_true")
     return p
 
@@ -57,7 +59,8 @@ def configs(args) -> VideoLLMConfig:
                               num_layers=args.vision_layers, num_heads=args.vision_heads)
     llm = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
                       intermediate_size=int(args.hidden * 8 / 3) // 8 * 8,
-                      num_layers=args.layers, num_heads=args.heads)
+                      num_layers=args.layers, num_heads=args.heads,
+                      attention_block=args.attention_block)
     return VideoLLMConfig(vision=vision, llm=llm, num_frames=args.frames,
                           image_token_id=args.vocab)
 

@@ -36,3 +36,20 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
     return out.reshape(batch, length, heads, head_dim).astype(q.dtype)
+
+
+def causal_block_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                           block: int) -> jax.Array:
+    """The same attention without the masked upper triangle: query block i (`block` rows) only
+    scores the keys up to its own end. Valid when query t and key t are the same slot and the
+    mask is causal (a forward over a whole sequence, no KV cache). Cuts the scores' FLOPs and
+    memory to (n + 1) / 2n of dense for n blocks. Rows with no real key at all (left padding)
+    attend uniformly over their block's keys instead of all keys: their output is unused."""
+    length = q.shape[1]
+    mask = jnp.asarray(mask, bool)
+    outs = []
+    for start in range(0, length, block):
+        end = min(start + block, length)
+        outs.append(dot_product_attention(q[:, start:end], k[:, :end], v[:, :end],
+                                          mask[..., start:end, :end]))
+    return jnp.concatenate(outs, axis=1)

@@ -17,7 +17,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from rlaif_jax.models.attention import dot_product_attention
+from rlaif_jax.models.attention import causal_block_attention, dot_product_attention
 from rlaif_jax.models.lora import LoraConfig, Projection
 
 REMAT_POLICIES = {
@@ -50,6 +50,9 @@ class LlamaConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
+    # > 0: full-sequence forwards (no KV cache) split queries into blocks of this many tokens
+    # that skip the masked upper triangle (models/attention.py); 0: dense attention.
+    attention_block: int = 0
     lora: LoraConfig = LoraConfig()
 
     def __post_init__(self):
@@ -174,9 +177,11 @@ class Attention(nn.Module):
             v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
             new_cache = {"k": k, "v": v}
 
-        out = dot_product_attention(
-            q.astype(cfg.compute_dtype), k.astype(cfg.compute_dtype), v.astype(cfg.compute_dtype),
-            mask=mask)
+        q, k, v = (t.astype(cfg.compute_dtype) for t in (q, k, v))
+        if layer_cache is None and 0 < cfg.attention_block < length:
+            out = causal_block_attention(q, k, v, mask, cfg.attention_block)
+        else:
+            out = dot_product_attention(q, k, v, mask=mask)
         out = out.reshape(batch, length, heads * head_dim)
         out = Projection(cfg.hidden_size, ("heads", "embed"), name="o_proj", **proj)(out)
         return out, new_cache
