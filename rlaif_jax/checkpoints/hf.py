@@ -22,7 +22,8 @@ import numpy as np
 
 from rlaif_jax.checkpoints.safetensors_io import CheckpointError, SafetensorsReader, write_safetensors
 from rlaif_jax.models.clip_vision import ACTIVATIONS, ClipVision, ClipVisionConfig
-from rlaif_jax.models.llama import DTYPES, Llama, LlamaConfig
+from rlaif_jax.models.config_base import DTYPES
+from rlaif_jax.models.llama import Llama, LlamaConfig
 from rlaif_jax.models.lora import LoraConfig
 from rlaif_jax.models.projector import projector_depth
 from rlaif_jax.models.video_llm import VideoLLM, VideoLLMConfig
@@ -166,6 +167,26 @@ def _layer_path(rule: TensorRule, i: int) -> str:
     return "/".join(parts)
 
 
+def _depth(rule: TensorRule, num_layers: int | dict[str, int]) -> int:
+    """How many layers a per-layer rule spans (by our-path prefix when a model has two stacks)."""
+    if isinstance(num_layers, int):
+        return num_layers
+    return next(n for prefix, n in num_layers.items() if rule.ours.startswith(prefix))
+
+
+def write_hf_directory(directory: str, hf_config: dict, params: Any, rules: list[TensorRule],
+                       num_layers: int | dict[str, int], dtype: Optional[str] = None,
+                       max_shard_bytes: int = 5 << 30) -> None:
+    """config.json + safetensors (one tensor at a time off the device), as transformers reads."""
+    if dtype is not None:
+        hf_config = dict(hf_config, torch_dtype=dtype)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+    tensors = export_tensors(nn.unbox(params), rules, num_layers, DTYPES[dtype] if dtype else None)
+    write_safetensors(tensors, directory, max_shard_bytes)
+
+
 def load_params(
     reader: SafetensorsReader,
     rules: list[TensorRule],
@@ -186,11 +207,6 @@ def load_params(
     filled: dict[str, Any] = {}
     consumed: set[str] = set()
 
-    def depth(rule):
-        if isinstance(num_layers, int):
-            return num_layers
-        return next(n for prefix, n in num_layers.items() if rule.ours.startswith(prefix))
-
     def read(key, to_ours, want_shape, dtype):
         array = to_ours(reader.get(key))
         if tuple(array.shape) != tuple(want_shape):
@@ -208,14 +224,14 @@ def load_params(
             want = expected[rule.ours]
             if rule.per_layer:
                 stacked = np.empty(want.shape, want.dtype)
-                for i in range(depth(rule)):
+                for i in range(_depth(rule, num_layers)):
                     stacked[i] = read(rule.hf.format(i=i), to_ours, want.shape[1:], want.dtype)
             else:
                 stacked = read(rule.hf, to_ours, want.shape, want.dtype)
             filled[rule.ours] = place(rule.ours, stacked)
             del stacked
         else:  # unscanned layers: layers_0, layers_1, ...
-            for i in range(depth(rule)):
+            for i in range(_depth(rule, num_layers)):
                 path = _layer_path(rule, i)
                 if path not in expected:
                     raise CheckpointError(f"no model param {path!r} for tensor {rule.hf.format(i=i)!r}")
@@ -239,11 +255,6 @@ def export_tensors(params: Any, rules: list[TensorRule], num_layers: int | dict[
     """Yields (hf_key, array) one tensor at a time (device -> host per tensor)."""
     flat = _flat(params)
 
-    def depth(rule):
-        if isinstance(num_layers, int):
-            return num_layers
-        return next(n for prefix, n in num_layers.items() if rule.ours.startswith(prefix))
-
     def host(x):
         array = np.asarray(jax.device_get(x))
         return array.astype(dtype) if dtype is not None else array
@@ -253,12 +264,12 @@ def export_tensors(params: Any, rules: list[TensorRule], num_layers: int | dict[
         if rule.ours in flat:
             array = host(flat[rule.ours])
             if rule.per_layer:
-                for i in range(depth(rule)):
+                for i in range(_depth(rule, num_layers)):
                     yield rule.hf.format(i=i), np.ascontiguousarray(to_hf(array[i]))
             else:
                 yield rule.hf, np.ascontiguousarray(to_hf(array))
         elif rule.per_layer:
-            for i in range(depth(rule)):
+            for i in range(_depth(rule, num_layers)):
                 yield rule.hf.format(i=i), np.ascontiguousarray(to_hf(host(flat[_layer_path(rule, i)])))
         else:
             raise CheckpointError(f"params have no {rule.ours!r}")
@@ -287,15 +298,8 @@ def load_llama(directory: str, place=None, **config_overrides) -> tuple[Llama, d
 def save_llama(config: LlamaConfig, params: Any, directory: str, dtype: Optional[str] = None,
                max_shard_bytes: int = 5 << 30) -> None:
     """Writes config.json + safetensors that `transformers.LlamaForCausalLM` loads."""
-    os.makedirs(directory, exist_ok=True)
-    hf_config = llama_config_to_hf(config)
-    if dtype is not None:
-        hf_config["torch_dtype"] = dtype
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2)
-    tensors = export_tensors(nn.unbox(params), llama_rules(config), config.num_layers,
-                             DTYPES[dtype] if dtype else None)
-    write_safetensors(tensors, directory, max_shard_bytes)
+    write_hf_directory(directory, llama_config_to_hf(config), params, llama_rules(config),
+                       config.num_layers, dtype, max_shard_bytes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,15 +426,8 @@ def load_clip_vision(directory: str, place=None, **config_overrides) -> tuple[Cl
 def save_clip_vision(config: ClipVisionConfig, params: Any, directory: str,
                      dtype: Optional[str] = None, max_shard_bytes: int = 5 << 30) -> None:
     """Writes a directory that `transformers.CLIPVisionModel` loads (hub key layout)."""
-    os.makedirs(directory, exist_ok=True)
-    hf_config = clip_vision_config_to_hf(config)
-    if dtype is not None:
-        hf_config["torch_dtype"] = dtype
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2)
-    tensors = export_tensors(nn.unbox(params), clip_vision_rules(config), config.num_layers,
-                             DTYPES[dtype] if dtype else None)
-    write_safetensors(tensors, directory, max_shard_bytes)
+    write_hf_directory(directory, clip_vision_config_to_hf(config), params,
+                       clip_vision_rules(config), config.num_layers, dtype, max_shard_bytes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -725,13 +722,8 @@ def save_video_llm(config: VideoLLMConfig, params: Any, directory: str,
         vision_prefix = None
     else:
         raise ValueError(f"layout={layout!r}: expected 'auto', 'hf' or 'original'")
-    if dtype is not None:
-        hf_config["torch_dtype"] = dtype
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2)
-    rules = video_llm_rules(config, rules_layout, vision_prefix)
     depths = {"llm/": config.llm.num_layers, "vision/": config.vision.num_layers}
-    tensors = export_tensors(nn.unbox(params), rules, depths, DTYPES[dtype] if dtype else None)
-    write_safetensors(tensors, directory, max_shard_bytes)
+    write_hf_directory(directory, hf_config, params,
+                       video_llm_rules(config, rules_layout, vision_prefix), depths, dtype,
+                       max_shard_bytes)
     return layout

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from rlaif_jax.models.attention import dot_product_attention
-from rlaif_jax.models.llama import DTYPES, REMAT_POLICIES
+from rlaif_jax.models.config_base import DtypeConfig
+from rlaif_jax.models.llama import REMAT_POLICIES
 from rlaif_jax.models.lora import Projection
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -34,7 +35,9 @@ SELECT_FEATURES = ("patch", "cls_patch")
 
 
 @dataclasses.dataclass(frozen=True)
-class ClipVisionConfig:
+class ClipVisionConfig(DtypeConfig):
+    _name = "CLIP vision"
+
     image_size: int = 336
     patch_size: int = 14
     hidden_size: int = 1024
@@ -73,9 +76,7 @@ class ClipVisionConfig:
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(
                 f"remat_policy={self.remat_policy!r}: expected one of {sorted(REMAT_POLICIES)}")
-        for key in ("dtype", "param_dtype"):
-            if getattr(self, key) not in DTYPES:
-                raise ValueError(f"{key}={getattr(self, key)!r}: expected one of {sorted(DTYPES)}")
+        self.check_dtypes()
         if len(self.image_mean) != self.num_channels or len(self.image_std) != self.num_channels:
             raise ValueError("image_mean and image_std need one value per channel")
         # ConfigDicts hand lists over; keep the dataclass hashable.
@@ -104,25 +105,6 @@ class ClipVisionConfig:
         """`select_layer` as a non-negative index into the num_layers + 1 hidden states."""
         return self.select_layer % (self.num_layers + 1)
 
-    @property
-    def compute_dtype(self):
-        return DTYPES[self.dtype]
-
-    @property
-    def weight_dtype(self):
-        return DTYPES[self.param_dtype]
-
-    def replace(self, **changes) -> "ClipVisionConfig":
-        return dataclasses.replace(self, **changes)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "ClipVisionConfig":
-        values = dict(values.to_dict() if hasattr(values, "to_dict") else values)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown CLIP vision config keys {unknown}; known: {sorted(known)}")
-        return cls(**values)
 
 
 @flax.struct.dataclass

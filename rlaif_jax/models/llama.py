@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from rlaif_jax.models.attention import causal_block_attention, dot_product_attention
+from rlaif_jax.models.config_base import DtypeConfig
 from rlaif_jax.models.lora import LoraConfig, Projection
 
 REMAT_POLICIES = {
@@ -26,11 +27,12 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(DtypeConfig):
+    _name = "LLaMA"
+
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
@@ -59,9 +61,7 @@ class LlamaConfig:
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(
                 f"remat_policy={self.remat_policy!r}: expected one of {sorted(REMAT_POLICIES)}")
-        for key in ("dtype", "param_dtype"):
-            if getattr(self, key) not in DTYPES:
-                raise ValueError(f"{key}={getattr(self, key)!r}: expected one of {sorted(DTYPES)}")
+        self.check_dtypes()
         if self.num_heads % self.kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.kv_heads}")
@@ -74,25 +74,10 @@ class LlamaConfig:
     def dim_per_head(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
 
-    @property
-    def compute_dtype(self):
-        return DTYPES[self.dtype]
-
-    @property
-    def weight_dtype(self):
-        return DTYPES[self.param_dtype]
-
-    def replace(self, **changes) -> "LlamaConfig":
-        return dataclasses.replace(self, **changes)
-
     @classmethod
     def from_dict(cls, values: dict) -> "LlamaConfig":
         """From a plain dict or ConfigDict (e.g. a `configs/models.py` preset); unknown keys fail."""
-        values = dict(values)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown LLaMA config keys {unknown}; known: {sorted(known)}")
+        values = cls.checked_values(values)
         if isinstance(values.get("lora"), dict) or hasattr(values.get("lora"), "to_dict"):
             lora = values["lora"]
             values["lora"] = LoraConfig(**(lora.to_dict() if hasattr(lora, "to_dict") else lora))

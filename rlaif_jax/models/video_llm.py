@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlaif_jax.models.clip_vision import ClipVision, ClipVisionConfig
+from rlaif_jax.models.config_base import ModelConfig
 from rlaif_jax.models.heads import RewardHead, ValueHead
 from rlaif_jax.models.llama import Llama, LlamaConfig
 from rlaif_jax.models.projector import Projector, projector_depth
@@ -43,7 +44,9 @@ REFERENCE_IMAGE_TOKEN_ID = -200
 
 
 @dataclasses.dataclass(frozen=True)
-class VideoLLMConfig:
+class VideoLLMConfig(ModelConfig):
+    _name = "video LLM"
+
     vision: ClipVisionConfig = ClipVisionConfig()
     llm: LlamaConfig = LlamaConfig()
     projector_type: str = "mlp2x_gelu"
@@ -73,17 +76,10 @@ class VideoLLMConfig:
     def num_video_tokens(self) -> int:
         return num_video_tokens(self, self.num_frames)
 
-    def replace(self, **changes) -> "VideoLLMConfig":
-        return dataclasses.replace(self, **changes)
-
     @classmethod
     def from_dict(cls, values) -> "VideoLLMConfig":
         """From a plain dict or ConfigDict with nested `vision` and `llm`; unknown keys fail."""
-        values = dict(values.to_dict() if hasattr(values, "to_dict") else values)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown video LLM config keys {unknown}; known: {sorted(known)}")
+        values = cls.checked_values(values)
         if "vision" in values and not isinstance(values["vision"], ClipVisionConfig):
             values["vision"] = ClipVisionConfig.from_dict(values["vision"])
         if "llm" in values and not isinstance(values["llm"], LlamaConfig):
