@@ -88,7 +88,8 @@ def test_torch_side_has_our_shapes():
 
 def test_kernel_kinds():
     kind = torch_llama_step.kernel_kind
-    assert kind("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma") == "attention (flash/sdpa)"
+    flash = "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma"
+    assert kind(flash) == "attention (flash/sdpa)"
     assert kind("nvjet_sm90_tst_320x128_64x3_1x2_h_bz_coopB_NNT") == "matmul"
     assert kind("void at::native::vectorized_elementwise_kernel<8, CUDAFunctor_add>") == \
         "elementwise, copies"
