@@ -27,7 +27,8 @@ from rlaif_jax.models.video_llm import VideoLLM
 
 def main(argv):
     args = dict(steps=150, lr=3e-3, vis_mult=1.0, every=25, patch=16, wd=0.0, seed=0,
-                bs=32, data="/tmp/w5/tiny/data", split=310, warm=0.05)
+                bs=32, data="/tmp/w5/tiny/data", split=310, warm=0.05,
+                vision="", proj_mult=-1.0)
     for a in argv:
         k, v = a.split("=")
         args[k] = type(args[k])(v)
@@ -59,14 +60,20 @@ def main(argv):
     cfg = video_llm_config(mc, tok)
     model = VideoLLM(cfg)
     params = nn.unbox(model.init(jax.random.PRNGKey(args["seed"]), jnp.zeros((1, 8), jnp.int32)))["params"]
+    if args["vision"]:  # a pickled pretrained tower (rlaif_jax.train.vision_pretrain)
+        import pickle
+        with open(args["vision"], "rb") as f:
+            params["vision"] = pickle.load(f)
 
     sched = optax.warmup_cosine_decay_schedule(0.0, 1.0, max(1, int(args["warm"] * args["steps"])),
                                                args["steps"])
     def opt(mult):
         return optax.adamw(lambda s: args["lr"] * mult * sched(s), weight_decay=args["wd"])
-    labels = {k: ("vis" if k in ("vision", "projector") else "llm") for k in params}
+    proj_mult = args["vis_mult"] if args["proj_mult"] < 0 else args["proj_mult"]
+    labels = {k: {"vision": "vis", "projector": "proj"}.get(k, "llm") for k in params}
     tx = optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.multi_transform({"vis": opt(args["vis_mult"]), "llm": opt(1.0)}, labels))
+                     optax.multi_transform({"vis": opt(args["vis_mult"]), "proj": opt(proj_mult),
+                                            "llm": opt(1.0)}, labels))
     state = tx.init(params)
 
     def batch_of(d, idx, frames=None):

@@ -49,6 +49,10 @@ def _base() -> ml_collections.ConfigDict:
         split_max_length=(("short", 64),),  # (split, max_length) where a split needs fewer
         build_dir="", tokenizer="",  # source='build'
         reverse_length=4, reverse_symbols=8))
+    # From-scratch video models only (no `init`, source 'synthetic'): pre-train the tiny vision
+    # tower on newly drawn world videos first, our stand-in for CLIP's pre-training
+    # (rlaif_jax/train/vision_pretrain.py); cached under WORKDIR/data/vision_tower. 0: off.
+    c.vision_pretrain = ml_collections.ConfigDict(dict(steps=0, batch_size=32, lr=3e-3))
     c.eval = ml_collections.ConfigDict(dict(
         batch_size=64,
         # Held-out questions (world files -> splits of WORKDIR/data/eval): short answers ('qa')
@@ -61,8 +65,12 @@ def _base() -> ml_collections.ConfigDict:
 
 
 def _video_tiny() -> ml_collections.ConfigDict:
+    # No pretrained CLIP exists for the synthetic world: `tiny` pre-trains the tower first
+    # (vision_pretrain), then keeps it fixed as LLaVA keeps CLIP. The gradient stops at the
+    # tower's output; its weights stay in the trainable tree (zero gradient, no weight decay)
+    # so that every later stage finds them in the SFT checkpoint.
     model = models.get_config("video_tiny")
-    model.freeze_vision = False  # no pretrained CLIP: the tiny tower learns from scratch
+    model.freeze_vision = True
     return model
 
 
@@ -87,6 +95,7 @@ def tiny() -> ml_collections.ConfigDict:
     # Norms, biases and LoRA's rank axes of a width-128 model are a large share of its bytes;
     # the 2% replication check is for the real sizes.
     c.max_replicated_share = 1.0
+    c.vision_pretrain.steps = 600
     return c
 
 
@@ -98,6 +107,7 @@ def smoke() -> ml_collections.ConfigDict:
     c.num_steps = 60
     c.checkpoint.every = 60
     c.data.curriculum = (("short", 0.7), ("long", 0.3))
+    c.vision_pretrain.update(dict(steps=40, batch_size=16))
     return c
 
 

@@ -201,6 +201,21 @@ def check_batch_config(config, mesh):
                           f"data*fsdp = {rows_split}")
 
 
+def pretrained_vision_tower(config, model, sources: SyntheticSources) -> dict:
+    """The tiny tower pre-trained on the synthetic world (train/vision_pretrain.py), cached
+    beside the world's builds. It must stay fixed in SFT (`model.freeze_vision`): trained through
+    the LLM's loss it collapses to a video-independent constant (docs/training.md)."""
+    from rlaif_jax.train.vision_pretrain import pretrained_tower
+    if not model.config.freeze_vision:
+        raise ConfigError("vision_pretrain.steps > 0 needs model.freeze_vision=True: the LLM's "
+                          "loss would undo the pre-training (docs/training.md)")
+    settings = config.vision_pretrain
+    cache = os.path.join(os.path.dirname(sources.train), "vision_tower")
+    return pretrained_tower(cache, sources.world, model.config.vision, model.config.num_frames,
+                            settings.steps, settings.batch_size, settings.lr, config.seed,
+                            progress=config.log.progress)
+
+
 def build_sft_stage(config, mesh) -> Stage:
     check_batch_config(config, mesh)
     source = config.data.source
@@ -249,8 +264,16 @@ def build_sft_stage(config, mesh) -> Stage:
         if sources is not None and config.eval.qa_files:
             evaluate = make_qa_evaluation(config, model, sources, layout, stage_dir)
 
+    tower = None
+    if not init and sources is not None and config.vision_pretrain.steps > 0:
+        tower = pretrained_vision_tower(config, model, sources)
+
     def fresh_state():
         rng = jax.random.PRNGKey(config.seed)
+        if not init and tower is not None:
+            variables = starting_variables("", layout, init_variables, config.seed)
+            variables["params"]["vision"] = tower
+            return state_from_variables(layout, jax.device_get(variables), rng)
         if not init:
             return init_state(layout, init_variables, rng)
         variables = starting_variables(init, layout, init_variables, config.seed,
