@@ -9,7 +9,7 @@ import transformers
 from configs import eval as eval_config
 from rlaif_jax.eval.judging import JudgeTask
 from rlaif_jax.eval.model_judge import SCORES, VERDICTS, ModelJudge, candidate_split, judge_text
-from rlaif_jax.eval.judge_prompts import reply_prefix
+from rlaif_jax.data.prompts import reply_prefix
 from tests.hf_reference import save_tiny_hf_llama
 
 VOCAB = 97
