@@ -107,7 +107,7 @@ def test_ppo_tree_is_made_of_the_checkpoints_and_scores_as_the_rm(main_job):
     import transformers
 
     from rlaif_jax.checkpoints.orbax_io import read_step_dir
-    from rlaif_jax.checkpoints.stage_model import build_model
+    from rlaif_jax.checkpoints.stage_model import build_stage_model
     from rlaif_jax.data import conversation
     from rlaif_jax.parallel.mesh import make_mesh
     from rlaif_jax.parallel.sharding import make_rules
@@ -155,8 +155,7 @@ def test_ppo_tree_is_made_of_the_checkpoints_and_scores_as_the_rm(main_job):
              "has_video": np.ones(1, bool)}
     batch["critic_video_tokens"] = loaded.models.encode_video(tree, frames, critic=True)
     ppo_score = loaded.models.rm_scores(tree, batch, suffix)
-    rm_model, _ = build_model(loaded.rm_config["model_kind"], loaded.rm_config["model"],
-                              reward_head=True, tokenizer=tokenizer)
+    rm_model, _ = build_stage_model(loaded.rm_config, tokenizer, reward_head=True)
     rm_params = dict(tree["critic"]["params"], reward_head=tree["rm"]["head"])
     rm_score = reward_scores(rm_model, {"params": rm_params}, dict(
         row, frames=frames, has_video=np.ones(1, bool)))
