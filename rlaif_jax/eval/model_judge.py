@@ -92,8 +92,9 @@ class ModelJudge:
             raise ValueError("config.judge.kind='model' needs config.judge.init (the judge model)")
         if not os.path.exists(j.init):
             raise FileNotFoundError(f"config.judge.init: {j.init} does not exist")
-        model, params = rlaif_jax.from_pretrained(j.init)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(j.tokenizer or j.init)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            j.tokenizer or rlaif_jax.tokenizer_path(j.init))
+        model, params = rlaif_jax.from_pretrained(j.init, tokenizer=tokenizer)
         name = "model:" + os.path.basename(os.path.normpath(j.init))
         return cls(model, {"params": params}, tokenizer, batch_size=j.batch_size, name=name,
                    max_prompt_length=c.max_prompt_length)
