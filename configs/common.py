@@ -30,6 +30,17 @@ def common(stage: str) -> ml_collections.ConfigDict:
     return c
 
 
+def adamw(lr: float, schedule: str, grad_clip: float, **warmup) -> ml_collections.ConfigDict:
+    """`config.optim` of a stage (train/optim.py; PPO's ppo_optimizer): AdamW, no weight decay.
+
+    `warmup`: warmup_steps (-1: from warmup_ratio) and warmup_ratio for the step-based stages,
+    warmup_iterations for PPO. `schedule`: 'cosine' (to lr * end_factor) or 'constant'.
+    """
+    return ml_collections.ConfigDict(dict(
+        lr=lr, **warmup, schedule=schedule, end_factor=0.0, b1=0.9, b2=0.999, eps=1e-8,
+        weight_decay=0.0, grad_clip=grad_clip))
+
+
 def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.lock()
     return config

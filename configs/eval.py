@@ -30,7 +30,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # inference: rows only
     c.name = ""  # the row's name in the table; empty: the init directory's name
     c.output_dir = ""  # empty: WORKDIR/eval/<name>
-    c.tokenizer = ""  # empty: the one saved with init
+    c.tokenizer = ""  # empty: the one saved with init (a stage directory: its stage's)
     c.dtype = ""  # compute dtype override, e.g. "bfloat16"
     c.template = "vicuna_v1"
     c.batch_size = 8  # prompts decoded together (a multiple of the mesh's batch shards)

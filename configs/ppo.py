@@ -46,9 +46,7 @@ def _base() -> ml_collections.ConfigDict:
         reference_pads=False,  # True: the reference's pad behaviour, everywhere
         truncate_at_question_mark=False,  # True: the reference's "?" truncation quirk
         prompt_bucket=16, max_prompt_length=128))
-    c.optim = ml_collections.ConfigDict(dict(
-        lr=3e-5, warmup_iterations=5, schedule="cosine", end_factor=0.0, b1=0.9, b2=0.999,
-        eps=1e-8, weight_decay=0.0, grad_clip=1.0))
+    c.optim = common_lib.adamw(3e-5, "cosine", 1.0, warmup_iterations=5)
     # Sampling may use another weight layout than training: (logical_name, mesh_axes) overrides.
     c.rollout_rules = ()
     c.data = ml_collections.ConfigDict(dict(

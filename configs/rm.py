@@ -44,9 +44,7 @@ def _base() -> ml_collections.ConfigDict:
     c.num_steps = -1  # -1: epochs over the training pairs
     c.epochs = 1.0
     c.center_coef = 1e-3
-    c.optim = ml_collections.ConfigDict(dict(
-        lr=2e-5, warmup_steps=-1, warmup_ratio=0.03, schedule="constant", end_factor=0.0,
-        b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=0.3))
+    c.optim = common_lib.adamw(2e-5, "constant", 0.3, warmup_steps=-1, warmup_ratio=0.03)
     c.eval = ml_collections.ConfigDict(dict(
         batch_size=16, heldout_fraction=0.2, heldout_max=500))  # SPEC.md: 500 held-out pairs
     c.log.eval_every = 20

@@ -28,9 +28,7 @@ def _base() -> ml_collections.ConfigDict:
     c.num_steps = 300
     c.batch_size = 32  # global rows a step
     c.accum_steps = 1  # micro-batches a step (token-weighted: exact)
-    c.optim = ml_collections.ConfigDict(dict(
-        lr=3e-3, warmup_steps=-1, warmup_ratio=0.05, schedule="cosine", end_factor=0.0,
-        b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0))
+    c.optim = common_lib.adamw(3e-3, "cosine", 1.0, warmup_steps=-1, warmup_ratio=0.05)
     # Trainable leaves: paths 'collection/module/.../leaf' that fullmatch `trainable` and not
     # `frozen`. Frozen leaves get no gradient, no optimizer state and are not checkpointed.
     c.trainable = "params/.*"

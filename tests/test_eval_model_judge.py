@@ -2,31 +2,18 @@
 same computation on the transformers model."""
 
 import numpy as np
-import tokenizers
 import torch
-import transformers
 
 from configs import eval as eval_config
 from rlaif_jax.eval.judging import JudgeTask
 from rlaif_jax.eval.model_judge import SCORES, VERDICTS, ModelJudge, candidate_split, judge_text
-from rlaif_jax.eval.judge_prompts import reply_prefix
+from rlaif_jax.data.prompts import reply_prefix
 from tests.hf_reference import save_tiny_hf_llama
+from tests.word_tokenizer import save_word_tokenizer
 
 VOCAB = 97
-
-
-def _save_tokenizer(directory):
-    words = ["<unk>", "<s>", "</s>", "yes", "no", *SCORES, "pred", "score", "{'", "':", "'",
-             "red", "blue", "circle", "colour", "what", "is", "the", "it"]
-    words += [f"w{i}" for i in range(VOCAB - len(words))]
-    core = tokenizers.Tokenizer(tokenizers.models.WordLevel(
-        {w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    core.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-        pad_token="<unk>")
-    tokenizer.save_pretrained(directory)
-    return tokenizer
+WORDS = ["yes", "no", *SCORES, "pred", "score", "{'", "':", "'", "red", "blue", "circle",
+         "colour", "what", "is", "the", "it"]
 
 
 def _reference(hf_model, ids, candidates):
@@ -39,7 +26,7 @@ def _reference(hf_model, ids, candidates):
 
 def test_model_judge_matches_transformers(tmp_path):
     hf_model = save_tiny_hf_llama(str(tmp_path), seed=11, vocab_size=VOCAB)
-    tokenizer = _save_tokenizer(str(tmp_path))
+    tokenizer = save_word_tokenizer(str(tmp_path), VOCAB, WORDS)
     c = eval_config.get_config("local_judge")
     c.judge.init = str(tmp_path)
     c.judge.batch_size = 2  # three tasks: padding rows and filler rows both exercised

@@ -4,43 +4,28 @@ import json
 
 import numpy as np
 import pytest
-import tokenizers
 import torch
-import transformers
 
 from configs import generate as generate_config
 from rlaif_jax.rollout.infer import VICUNA_V1_SYSTEM, run_generate
 from tests.hf_reference import save_tiny_hf_llama
+from tests.word_tokenizer import save_word_tokenizer
 
 WORDS = ("what colour is the red circle square moving left right up down a an of and it "
          "happens first then after before how many objects are there video describe").split()
 
 
-def save_word_tokenizer(directory, vocab_size: int):
-    """A word-level tokenizer (<unk>=0, <s>=1, </s>=2) covering the test's words and the system
-    sentence, padded with filler words to the model's vocabulary."""
-    words = ["<unk>", "<s>", "</s>"]
-    for text in [VICUNA_V1_SYSTEM, "USER : ASSISTANT", " ".join(WORDS)]:
-        for word in tokenizers.pre_tokenizers.Whitespace().pre_tokenize_str(text):
-            if word[0] not in words:
-                words.append(word[0])
-    words += [f"w{i}" for i in range(vocab_size - len(words))]
-    assert len(words) == vocab_size
-    core = tokenizers.Tokenizer(tokenizers.models.WordLevel(
-        {w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    core.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-        pad_token="<unk>")
-    tokenizer.save_pretrained(directory)
-    return tokenizer
+def save_tokenizer(directory, vocab_size: int):
+    """Covers the test's words and the system sentence (tests/word_tokenizer.py)."""
+    return save_word_tokenizer(directory, vocab_size, texts=[
+        VICUNA_V1_SYSTEM, "USER : ASSISTANT", " ".join(WORDS)])
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     directory = tmp_path_factory.mktemp("model")
     hf_model = save_tiny_hf_llama(str(directory), seed=7, vocab_size=97)
-    tokenizer = save_word_tokenizer(str(directory), 97)
+    tokenizer = save_tokenizer(str(directory), 97)
     return str(directory), hf_model, tokenizer
 
 
@@ -136,7 +121,7 @@ def test_video_questions_on_a_video_llm(tmp_path):
     params = jax.tree.map(lambda x: x * 4.0 if x.ndim >= 2 else x, variables["params"])
     directory = tmp_path / "llava"
     rlaif_jax.save_pretrained(model, params, str(directory), layout="original")
-    save_word_tokenizer(str(directory), 97)
+    save_tokenizer(str(directory), 97)
     rng = np.random.default_rng(0)
     for name in ("red", "blue"):
         (tmp_path / name).mkdir()

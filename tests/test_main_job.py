@@ -107,7 +107,7 @@ def test_ppo_tree_is_made_of_the_checkpoints_and_scores_as_the_rm(main_job):
     import transformers
 
     from rlaif_jax.checkpoints.orbax_io import read_step_dir
-    from rlaif_jax.checkpoints.stage_model import build_model
+    from rlaif_jax.checkpoints.stage_model import build_stage_model
     from rlaif_jax.data import conversation
     from rlaif_jax.parallel.mesh import make_mesh
     from rlaif_jax.parallel.sharding import make_rules
@@ -155,9 +155,54 @@ def test_ppo_tree_is_made_of_the_checkpoints_and_scores_as_the_rm(main_job):
              "has_video": np.ones(1, bool)}
     batch["critic_video_tokens"] = loaded.models.encode_video(tree, frames, critic=True)
     ppo_score = loaded.models.rm_scores(tree, batch, suffix)
-    rm_model, _ = build_model(loaded.rm_config["model_kind"], loaded.rm_config["model"],
-                              reward_head=True, tokenizer=tokenizer)
+    rm_model, _ = build_stage_model(loaded.rm_config, tokenizer, reward_head=True)
     rm_params = dict(tree["critic"]["params"], reward_head=tree["rm"]["head"])
     rm_score = reward_scores(rm_model, {"params": rm_params}, dict(
         row, frames=frames, has_video=np.ones(1, bool)))
     np.testing.assert_allclose(ppo_score, rm_score, rtol=1e-4, atol=1e-5)
+
+
+def test_from_pretrained_loads_each_later_stage_of_the_main_job(main_job):
+    """The policy init, RM and PPO stage directories load as the models those stages trained:
+    adapters merged over the SFT weights they were trained on, the RM with its head, PPO as its
+    policy (the adapter PPO trained, not the one it started from)."""
+    import jax
+    import numpy as np
+
+    import rlaif_jax
+    from rlaif_jax.checkpoints.orbax_io import read_step_dir, resolve_checkpoint
+    from rlaif_jax.models.lora import LoraConfig, merge_lora
+
+    workdir, _, _ = main_job
+    saved = {stage: read_step_dir(resolve_checkpoint(os.path.join(workdir, stage))[1])
+             for stage in ("sft", "policy_init", "rm", "ppo")}
+    sft = saved["sft"][0]["params"]
+    lora = LoraConfig(**saved["policy_init"][1]["lora"])
+    assert lora.rank == 64
+
+    def same(loaded, expected, rtol=0.0):  # rtol > 0: merged in another program, float32
+        leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(loaded))[0]
+        reference = dict(jax.tree_util.tree_flatten_with_path(jax.device_get(expected))[0])
+        assert len(leaves) == len(reference)
+        for path, value in leaves:
+            np.testing.assert_allclose(value, reference[path], rtol=rtol, atol=rtol * 0.1,
+                                       err_msg=jax.tree_util.keystr(path))
+
+    policy_model, policy = rlaif_jax.from_pretrained(os.path.join(workdir, "policy_init"))
+    assert policy_model.config.llm.lora == lora
+    same(policy, merge_lora(sft, saved["policy_init"][0]["lora"], lora), rtol=1e-6)
+
+    rm_model, rm = rlaif_jax.from_pretrained(os.path.join(workdir, "rm"))
+    assert rm_model.config.reward_head
+    rm_saved = saved["rm"][0]["params"]
+    same({k: rm[k] for k in rm_saved}, rm_saved)  # what the RM trained: LLM and head
+    same({k: v for k, v in rm.items() if k not in rm_saved},
+         {k: v for k, v in sft.items() if k not in rm_saved})  # the rest: the SFT model's
+
+    ppo_model, ppo = rlaif_jax.from_pretrained(os.path.join(workdir, "ppo"))
+    assert ppo_model.config == policy_model.config
+    adapter = saved["ppo"][0]["policy"]["lora"]
+    same(ppo, merge_lora(sft, adapter, lora), rtol=1e-6)
+    moved = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in zip(
+        jax.tree.leaves(ppo["llm"]), jax.tree.leaves(jax.device_get(policy["llm"])))]
+    assert max(moved) > 0  # PPO's adapter, not the policy init's

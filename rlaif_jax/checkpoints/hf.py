@@ -484,8 +484,8 @@ def video_llm_rules(config: VideoLLMConfig, layout: str, vision_prefix: Optional
     return rules
 
 
-def _video_llm_overrides(overrides: dict) -> tuple[dict, dict, dict]:
-    """Splits from_pretrained overrides into (video LLM fields, llm fields, vision fields).
+def split_video_llm_overrides(overrides: dict) -> tuple[dict, dict, dict]:
+    """Splits model config overrides into (video LLM fields, llm fields, vision fields).
 
     Keys naming a field of the LLaMA and/or CLIP config (e.g. dtype, scan_layers) go to each
     config that has it; `llm=` / `vision=` dicts go to one; anything else is an error.
@@ -526,7 +526,7 @@ def _video_llm_config(hf: dict, llm: LlamaConfig, vision: ClipVisionConfig, top:
 
 
 def video_llm_config_from_llava_hf(hf: dict, **overrides) -> VideoLLMConfig:
-    top, llm_over, vision_over = _video_llm_overrides(overrides)
+    top, llm_over, vision_over = split_video_llm_overrides(overrides)
     text = dict(LLAMA_HF_DEFAULTS, **(hf.get("text_config") or {}))
     if text.get("model_type", "llama") != "llama":
         raise CheckpointError(f"Llava text model {text['model_type']!r}: only llama is supported")
@@ -625,7 +625,7 @@ def load_video_llm(directory: str, place=None, vision_tower: Optional[str] = Non
     vision_reader, vision_ignore = reader, ()
     if _is_original_llava(hf):
         layout = "original"
-        top, llm_over, vision_over = _video_llm_overrides(config_overrides)
+        top, llm_over, vision_over = split_video_llm_overrides(config_overrides)
         vision_prefix = _find_prefix(reader, LLAVA_LAYOUTS[layout][2], "embeddings.class_embedding")
         external = vision_tower or hf.get("mm_vision_tower")
         if "rlaif_vision_config" in hf:

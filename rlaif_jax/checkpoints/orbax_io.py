@@ -83,6 +83,9 @@ def resolve_checkpoint(path: str) -> tuple[str, str]:
                             and os.path.isdir(os.path.join(directory, d, STATE_ITEM))))
             if steps:
                 return "step", os.path.join(directory, str(steps[-1]))
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        raise CheckpointError(f"stage directory {path} holds no checkpoint yet (checkpoints/ has "
+                              "no <step>/state)")
     if os.path.isfile(os.path.join(path, "config.json")):
         return "hf", path
     raise CheckpointError(

@@ -85,3 +85,112 @@ def rm_evaluation_prompt() -> tuple[str, str]:
     )
     assistant = f"Following your definitions, {RM_SCORE_LEAD}"
     return user, assistant
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation judge (rlaif_jax/eval/): our own words, the reference's scoring scheme.
+#
+# Video-ChatGPT's evaluation (which VLM-RLAIF reports) asks a chat LLM to grade each prediction
+# against the ground-truth answer:
+# - zero-shot QA (MSVD-QA, MSRVTT-QA, ActivityNet-QA): does the prediction match the answer
+#   (yes / no), and how well, as an integer 0-5; the reply is a Python dict string
+#   `{'pred': 'yes', 'score': 4}`. Accuracy is the share of "yes", the score is the mean.
+# - the benchmark: one 0-5 score per axis, reply `{'score': 3}`. Correctness, detail and context
+#   are judged on the generic questions, temporal on the temporal ones, consistency on pairs of
+#   paraphrased questions (Q1, Q2) and their two predictions.
+# Each prompt is a (system, user) pair of messages.
+
+QA_AXIS = "qa"
+BENCHMARK_AXES = ("correctness", "detail", "context", "temporal", "consistency")
+AXES = (QA_AXIS,) + BENCHMARK_AXES
+SCORE_MAX = 5
+
+_REPLY_SCORE = (
+    "Reply with nothing but a Python dictionary string holding one key, 'score', whose value is "
+    f"an integer from 0 to {SCORE_MAX} ({SCORE_MAX} is best). For example: {{'score': 3}}. "
+    "No explanation, no other text.")
+
+_QA_SYSTEM = (
+    "You grade answers to questions about videos. You are given a question, the correct answer "
+    "and a predicted answer. Decide whether the prediction means the same as the correct answer. "
+    "Judge the meaning, not the wording: synonyms and paraphrases count as a match; a prediction "
+    "that contradicts the correct answer, or leaves it out, does not.")
+
+_QA_USER = (
+    "Grade this question-answer pair about a video.\n"
+    "Question: {question}\n"
+    "Correct answer: {answer}\n"
+    "Predicted answer: {prediction}\n"
+    "Reply with nothing but a Python dictionary string with two keys: 'pred', which is 'yes' if "
+    "the prediction matches the correct answer and 'no' otherwise, and 'score', an integer from "
+    f"0 to {SCORE_MAX} saying how well it matches ({SCORE_MAX} is a perfect match). For example: "
+    "{{'pred': 'yes', 'score': 4}}. No explanation, no other text.")
+
+_AXIS_SYSTEM = {
+    "correctness": (
+        "You grade the factual accuracy of answers about videos. Compare the predicted answer "
+        "with the correct answer: every statement in the prediction should agree with what the "
+        "correct answer says happens in the video. Statements that contradict it, or invent "
+        "things it does not support, lower the score."),
+    "detail": (
+        "You grade how complete and specific answers about videos are. Compare the predicted "
+        "answer with the correct answer: a good prediction covers the main points of the correct "
+        "answer and gives specific details rather than vague, generic statements."),
+    "context": (
+        "You grade how well answers about videos fit the video's context. Compare the predicted "
+        "answer with the correct answer: a good prediction stays on the subject of the video and "
+        "of the question, and its content is in line with the correct answer; off-topic or "
+        "irrelevant content lowers the score."),
+    "temporal": (
+        "You grade how well answers about videos get time right. Compare the predicted answer "
+        "with the correct answer: a good prediction puts events in the right order and at the "
+        "right moments; wrong order or timing lowers the score."),
+    "consistency": (
+        "You grade whether a model answers consistently. The same question was asked twice in "
+        "different words, and the model answered each. A good pair of predictions agrees with "
+        "each other and with the correct answer; predictions that contradict each other, or the "
+        "correct answer, lower the score."),
+}
+
+_AXIS_USER = (
+    "Grade this answer about a video.\n"
+    "Question: {question}\n"
+    "Correct answer: {answer}\n"
+    "Predicted answer: {prediction}\n")
+
+_CONSISTENCY_USER = (
+    "Grade these two answers about a video.\n"
+    "Question 1: {question}\n"
+    "Question 2: {question_2}\n"
+    "Correct answer: {answer}\n"
+    "Predicted answer to question 1: {prediction}\n"
+    "Predicted answer to question 2: {prediction_2}\n")
+
+
+def judge_messages(axis: str, question: str, answer: str, prediction: str,
+                   question_2: str = "", prediction_2: str = "") -> list[dict]:
+    """The chat messages ([system, user]) that ask the judge to grade one prediction on `axis`."""
+    fields = dict(question=question.strip(), answer=answer.strip(),
+                  prediction=prediction.strip(), question_2=question_2.strip(),
+                  prediction_2=prediction_2.strip())
+    if axis == QA_AXIS:
+        system, user = _QA_SYSTEM, _QA_USER.format(**fields)
+    elif axis == "consistency":
+        system, user = _AXIS_SYSTEM[axis], _CONSISTENCY_USER.format(**fields) + _REPLY_SCORE
+    elif axis in _AXIS_SYSTEM:
+        system, user = _AXIS_SYSTEM[axis], _AXIS_USER.format(**fields) + _REPLY_SCORE
+    else:
+        raise ValueError(f"unknown judge axis {axis!r}; expected one of {list(AXES)}")
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def reply_prefix(axis: str, pred: str | None = None) -> str:
+    """The start of the judge's reply, up to the value it must give next.
+
+    A local model judge is fed this after the prompt and the value is read from its next-token
+    probabilities: `{'pred': '` (then yes / no) for QA, and `{'score': ` otherwise, or
+    `{'pred': 'yes', 'score': ` once the QA verdict is known.
+    """
+    if axis == QA_AXIS:
+        return "{'pred': '" if pred is None else f"{{'pred': '{pred}', 'score': "
+    return "{'score': "

@@ -29,7 +29,7 @@ import urllib.error
 import urllib.request
 from typing import Iterable, Iterator, Optional
 
-from rlaif_jax.eval.judge_prompts import judge_messages
+from rlaif_jax.data.prompts import judge_messages
 from rlaif_jax.eval.judging import Judgement, JudgeTask
 from rlaif_jax.eval.parse import parse_reply
 

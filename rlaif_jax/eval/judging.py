@@ -20,7 +20,7 @@ from typing import Iterable, Iterator, Optional, Protocol
 @dataclasses.dataclass(frozen=True)
 class JudgeTask:
     item_id: str
-    axis: str  # "qa" or one of judge_prompts.BENCHMARK_AXES
+    axis: str  # "qa" or one of data.prompts.BENCHMARK_AXES
     question: str
     answer: str  # the ground truth
     prediction: str

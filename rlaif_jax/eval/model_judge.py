@@ -1,7 +1,7 @@
 """One of our own models as the evaluation judge, read from its next-token probabilities.
 
 The judge model gets the same (system, user) judge prompt as the HTTP judge, in the vicuna_v1
-template, and its reply is started for it (`judge_prompts.reply_prefix`): `{'score': ` for a
+template, and its reply is started for it (`prompts.reply_prefix`): `{'score': ` for a
 benchmark axis, `{'pred': '` then `{'pred': 'yes', 'score': ` for QA. The value is read from
 the distribution of the next token, restricted to the candidates and renormalised:
 
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlaif_jax.data import prompts
-from rlaif_jax.eval.judge_prompts import QA_AXIS, SCORE_MAX, judge_messages, reply_prefix
+from rlaif_jax.data.prompts import QA_AXIS, SCORE_MAX, judge_messages, reply_prefix
 from rlaif_jax.eval.judging import Judgement, JudgeTask
 from rlaif_jax.rollout.generate import bucket_length, decoder_for
 
@@ -92,8 +92,9 @@ class ModelJudge:
             raise ValueError("config.judge.kind='model' needs config.judge.init (the judge model)")
         if not os.path.exists(j.init):
             raise FileNotFoundError(f"config.judge.init: {j.init} does not exist")
-        model, params = rlaif_jax.from_pretrained(j.init)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(j.tokenizer or j.init)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            j.tokenizer or rlaif_jax.tokenizer_path(j.init))
+        model, params = rlaif_jax.from_pretrained(j.init, tokenizer=tokenizer)
         name = "model:" + os.path.basename(os.path.normpath(j.init))
         return cls(model, {"params": params}, tokenizer, batch_size=j.batch_size, name=name,
                    max_prompt_length=c.max_prompt_length)

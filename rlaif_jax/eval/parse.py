@@ -17,7 +17,7 @@ import json
 import re
 from typing import Any, Optional
 
-from rlaif_jax.eval.judge_prompts import QA_AXIS, SCORE_MAX
+from rlaif_jax.data.prompts import QA_AXIS, SCORE_MAX
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ import json
 import os
 from typing import Iterable, Iterator
 
-from rlaif_jax.eval.judge_prompts import QA_AXIS, SCORE_MAX
+from rlaif_jax.data.prompts import QA_AXIS, SCORE_MAX
 from rlaif_jax.eval.judging import Judgement, JudgeTask
 
 

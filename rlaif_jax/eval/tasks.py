@@ -16,7 +16,7 @@ import collections
 import dataclasses
 import json
 
-from rlaif_jax.eval.judge_prompts import QA_AXIS
+from rlaif_jax.data.prompts import QA_AXIS
 from rlaif_jax.eval.judging import JudgeTask
 
 QA_TASKS = ("msvd_qa", "msrvtt_qa", "activitynet_qa", "synthetic_qa")

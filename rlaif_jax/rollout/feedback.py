@@ -557,7 +557,7 @@ def run_feedback(config) -> dict:
     import transformers
     from jax.experimental import multihost_utils
 
-    from rlaif_jax.checkpoints.stage_model import load_stage_model
+    import rlaif_jax
     from rlaif_jax.data.builders.items_json import load_items
     from rlaif_jax.data.pipeline import Pipeline
     from rlaif_jax.parallel.mesh import ConfigError, make_mesh
@@ -573,7 +573,8 @@ def run_feedback(config) -> dict:
         raise ConfigError(f"batch_size={config.batch_size} must be a multiple of processes x "
                           f"batch shards = {jax.process_count()} x {su.batch_divisor(mesh)}")
     tokenizer = transformers.AutoTokenizer.from_pretrained(paths["tokenizer"])
-    model, variables = load_stage_model(paths["init"], mesh, rules, tokenizer=tokenizer)
+    model, params = rlaif_jax.from_pretrained(paths["init"], mesh, rules, tokenizer)
+    variables = {"params": params}
     engine = AIFeedback(model, variables, tokenizer, settings, mesh, rules)
 
     stage_dir = paths["stage"]

@@ -16,7 +16,6 @@ import os
 from typing import Any, Callable, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 
@@ -170,29 +169,27 @@ class QuestionAnswerer:
 
         self.settings = config
         self.sampling = check_config(config, need_files=False)
-        overrides = {"dtype": config.dtype} if config.get("dtype") else {}
-        self.model, params = rlaif_jax.from_pretrained(config.init, **overrides)
-        self.decoder = decoder_for(self.model)
-        if tokenizer is None:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(config.tokenizer or config.init)
-        self.tokenizer = tokenizer
-        llm = self.llm_config = self.decoder.llm_config
-        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else llm.eos_token_id
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else llm.pad_token_id
-        self.pad = pad
-        self.sampling = self.sampling.replace(eos_token_id=eos, pad_token_id=pad)
-
         self.mesh = make_mesh(config.mesh.to_dict())
         self.rules = su.DEFAULT_RULES
         divisor = su.batch_divisor(self.mesh)
         if config.batch_size % divisor:
             raise ValueError(f"config.batch_size={config.batch_size} is not a multiple of the "
                              f"mesh's {divisor} batch shards (config.mesh={config.mesh.to_dict()})")
+        if tokenizer is None:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(
+                config.tokenizer or rlaif_jax.tokenizer_path(config.init))
+        self.tokenizer = tokenizer
+        overrides = {"dtype": config.dtype} if config.get("dtype") else {}
+        self.model, params = rlaif_jax.from_pretrained(config.init, self.mesh, self.rules,
+                                                       tokenizer, **overrides)
+        self.variables = {"params": params}
         model = self.model
-        boxed = jax.eval_shape(
-            lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
-        self.variables = {"params": su.shard_params(params, boxed["params"], self.mesh,
-                                                    self.rules)}
+        self.decoder = decoder_for(model)
+        llm = self.llm_config = self.decoder.llm_config
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else llm.eos_token_id
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else llm.pad_token_id
+        self.pad = pad
+        self.sampling = self.sampling.replace(eos_token_id=eos, pad_token_id=pad)
         self.has_vision = bool(getattr(self.decoder, "has_vision", False))
         self.image_id = model.config.image_token_id if self.has_vision else None
         self.image_size = model.config.vision.image_size if self.has_vision else 0

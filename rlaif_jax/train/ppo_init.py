@@ -17,19 +17,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from typing import Any
 
 import jax
 import numpy as np
 import optax
 
-from rlaif_jax.checkpoints.orbax_io import read_step_dir
 from rlaif_jax.checkpoints.safetensors_io import CheckpointError
-from rlaif_jax.checkpoints.stage_model import build_model, stage_config
+from rlaif_jax.checkpoints.stage_model import build_stage_model, stage_config
 from rlaif_jax.parallel.mesh import ConfigError
-from rlaif_jax.train import optim
-from rlaif_jax.train.model_init import starting_variables
+from rlaif_jax.train.model_init import overlay, read_checkpoint, starting_variables
 from rlaif_jax.train.ppo_models import ActorCritic
 from rlaif_jax.train.state import plan_state
 
@@ -58,20 +55,14 @@ def _lora_dict(model_config: dict) -> dict:
     return dict(llm.get("lora") or {})
 
 
-def _paths_regex(tree) -> str:
-    paths = [optim.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-    return "|".join(re.escape(p) for p in paths) or "(?!)"
-
-
 def load_keeping_adapter(step_dir: str, model_init, mesh, rules, seed: int) -> dict:
     """The variables of a checkpoint WITH its own LoRA adapter kept as an adapter (the base
     under it rebuilt as that stage built it: earlier adapters merged)."""
     layout = plan_state(model_init, optax.identity(), mesh, rules, ".*", "", 1.0)
-    saved, meta = read_step_dir(step_dir)
+    saved, meta = read_checkpoint(step_dir)
     base = starting_variables(meta.get("init", ""), layout, model_init,
                               int(meta.get("seed", seed)), "merge")
-    rest = optim.split_trainable(base, _paths_regex(saved))[1]
-    return optim.merge_trees(rest, dict(saved))
+    return overlay(base, saved)
 
 
 def load_actor_critic(workdir: str, init: str, rm_init: str, mesh, rules, tokenizer,
@@ -89,13 +80,11 @@ def load_actor_critic(workdir: str, init: str, rm_init: str, mesh, rules, tokeni
     except (CheckpointError, FileNotFoundError, OSError, ValueError) as e:
         raise ConfigError(f"ppo: cannot read the policy-init or reward-model checkpoint: "
                           f"{str(e).splitlines()[0]}") from None
-    policy_kind = policy_config.get("model_kind", "llama")
-    policy, policy_init = build_model(policy_kind, policy_config["model"], tokenizer=tokenizer)
+    policy, policy_init = build_stage_model(policy_config, tokenizer)
     if int(_lora_dict(policy_config["model"]).get("rank", 0)) <= 0:
         raise ConfigError(f"ppo: the policy-init checkpoint {policy_step} has no LoRA adapter "
                           "(PPO trains the policy's adapter; the reference is the base with the "
                           "initial adapter)")
-    rm_kind = rm_config.get("model_kind", "llama")
     rm_model = dict(rm_config["model"])
     rm_lora = dict(rm_config.get("lora") or _lora_dict(rm_model))
     rm_has_adapter = int(rm_lora.get("rank", 0)) > 0
@@ -103,10 +92,9 @@ def load_actor_critic(workdir: str, init: str, rm_init: str, mesh, rules, tokeni
     shares = bool(critic_shares_base and rm_has_adapter)
     # The RM as trained (reward head in its params) for loading; the critic module without it
     # (the tree keeps the head under 'rm').
-    rm_full, rm_full_init = build_model(rm_kind, rm_model, reward_head=True, lora=critic_lora,
-                                        tokenizer=tokenizer)
-    critic, _ = build_model(rm_kind, dict(rm_model, reward_head=False), lora=critic_lora,
-                            tokenizer=tokenizer)
+    rm_full, rm_full_init = build_stage_model(rm_config, tokenizer, reward_head=True,
+                                              lora=critic_lora)
+    critic, _ = build_stage_model(rm_config, tokenizer, reward_head=False, lora=critic_lora)
     if shares:
         critic = policy
     models = ActorCritic(policy=policy, critic=critic, critic_shares_base=shares,

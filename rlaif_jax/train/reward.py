@@ -297,12 +297,12 @@ def build_rm_stage(config, mesh):
     import transformers
     from jax.experimental import multihost_utils
 
-    from rlaif_jax.checkpoints.stage_model import build_model, stage_config
+    from rlaif_jax.checkpoints.stage_model import build_stage_model, stage_config
     from rlaif_jax.data.pipeline import Pipeline
     from rlaif_jax.parallel.sharding import make_rules
     from rlaif_jax.train import optim
     from rlaif_jax.train.loop import Stage
-    from rlaif_jax.checkpoints.stage_model import starting_variables
+    from rlaif_jax.train.model_init import model_from_config, starting_variables
     from rlaif_jax.train.state import init_state, plan_state, state_from_variables
     from rlaif_jax.train.step import make_eval_fn, make_train_step
 
@@ -316,13 +316,14 @@ def build_rm_stage(config, mesh):
     stage_dir = os.path.join(os.path.abspath(config.workdir), name)
     lora = config.lora.to_dict() if config.lora.rank > 0 else None
     tokenizer = transformers.AutoTokenizer.from_pretrained(paths["tokenizer"])
+    heads = dict(reward_head=True, **({"lora": lora} if lora is not None else {}))
     if config.init_model_from_checkpoint:
         step_dir, base_config = stage_config(paths["init"])
-        kind, model_dict = base_config.get("model_kind", "llama"), base_config["model"]
+        kind = base_config.get("model_kind", "llama")
+        model, init_variables = build_stage_model(base_config, tokenizer, **heads)
     else:  # the architecture of config.model (e.g. an HF init is not wired here)
-        step_dir, kind, model_dict = None, config.model_kind, config.model
-    model, init_variables = build_model(kind, model_dict, reward_head=True, lora=lora,
-                                        tokenizer=tokenizer)
+        step_dir, kind = None, config.model_kind
+        model, init_variables = model_from_config(kind, config.model, tokenizer, **heads)
     if not has_vision(model):
         raise ConfigError("the reward model needs a video LLM")
     num_frames, size = model.config.num_frames, model.config.vision.image_size
