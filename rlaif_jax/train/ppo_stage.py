@@ -134,7 +134,8 @@ class PPORun:
         # `loaded`: another run's models over the same checkpoints (the main job's control).
         self.loaded = loaded or load_actor_critic(
             workdir, config.init, config.rm_init, mesh, rules, tokenizer,
-            config.value_lora.to_dict(), config.critic_shares_base, config.seed)
+            config.value_lora.to_dict(), config.critic_shares_base, config.seed,
+            config.full_finetune)
         models = self.loaded.models
         policy_config = models.policy.config
         num_frames, size = policy_config.num_frames, policy_config.vision.image_size
