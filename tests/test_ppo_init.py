@@ -258,3 +258,35 @@ def test_the_rm_shares_the_policy_base_only_when_trained_on_exactly_it(monkeypat
     assert not shares and "projector" in why
     shares, why = decide("policy", merge, "rm", {"trainable": "params/(llm|reward_head)/.*"})
     assert not shares and "llm" in why  # the tiny preset's fully fine-tuned RM
+
+
+def test_a_policy_init_that_continued_its_adapter_is_rebuilt_without_merging_it(
+        policy_stage, tmp_path):
+    """A stage with `init_adapter='continue'` trained its init's adapter further: PPO rebuilds
+    its base WITHOUT that adapter folded in (else it would count twice)."""
+    from rlaif_jax.checkpoints.orbax_io import resolve_checkpoint
+    from rlaif_jax.train.model_init import build_model as stage_build_model
+    from rlaif_jax.train.ppo_init import load_keeping_adapter
+
+    config = _set(sft_configs.get_config("reverse"), workdir=str(tmp_path), num_steps=2,
+                  init=policy_stage, init_adapter="continue", trainable="lora/.*",
+                  max_replicated_share=1.0,
+                  **{"model.lora.rank": 4, "model.lora.alpha": 8.0, "optim.lr": 3e-2})
+    stage = dataclasses.replace(build_sft_stage(config, _mesh()), evaluate=None)
+    fresh = {}
+
+    def fresh_state():
+        fresh["state"], fresh["frozen"] = stage.fresh_state()
+        return fresh["state"], fresh["frozen"]
+
+    run_stage(dataclasses.replace(stage, fresh_state=fresh_state), str(tmp_path / "continued"),
+              OPTIONS)
+    earlier = read_step_dir(resolve_checkpoint(policy_stage)[1])[0]["lora"]
+    assert any(np.any(b) for p, b in jax.tree_util.tree_flatten_with_path(earlier)[0]
+               if "lora_b" in optim.path_str(p))  # merging it would change the base
+    step = resolve_checkpoint(str(tmp_path / "continued"))[1]
+    _, init = stage_build_model(config)
+    got = jax.device_get(load_keeping_adapter(step, init, _mesh(), make_rules(), config.seed))
+    jax.tree.map(np.testing.assert_array_equal, got["params"],
+                 jax.device_get(fresh["frozen"]["params"]))  # the stage's own frozen base
+    jax.tree.map(np.testing.assert_array_equal, got["lora"], read_step_dir(step)[0]["lora"])
