@@ -290,3 +290,20 @@ def test_a_policy_init_that_continued_its_adapter_is_rebuilt_without_merging_it(
     jax.tree.map(np.testing.assert_array_equal, got["params"],
                  jax.device_get(fresh["frozen"]["params"]))  # the stage's own frozen base
     jax.tree.map(np.testing.assert_array_equal, got["lora"], read_step_dir(step)[0]["lora"])
+
+
+def test_the_ppo_config_sets_how_to_run_the_checkpoints_models_not_what_they_are(loaded):
+    """`config.model` / `config.critic_model` lay their runtime fields (dtype, remat...) over the
+    checkpoints' configs; their architecture fields are not read."""
+    rm_stage, _, args, run, _ = loaded
+    policy_runtime = {"llm": {"remat_policy": "full", "hidden_size": 4096}}
+    critic_runtime = {"llm": {"remat_policy": "full", "dtype": "bfloat16", "num_layers": 40},
+                      "vision": {"remat_policy": "full"}}
+    models = load_actor_critic(*args, policy_runtime=policy_runtime,
+                               critic_runtime=critic_runtime).models
+    assert models.policy.config.remat_policy == "full"  # the text policy: the llm's fields
+    assert models.policy.config.hidden_size == run.models.policy.config.hidden_size
+    llm, vision = models.critic.config.llm, models.critic.config.vision
+    assert (llm.remat_policy, llm.dtype, vision.remat_policy) == ("full", "bfloat16", "full")
+    assert llm.num_layers == rm_stage[0].model.llm.num_layers == 2
+    assert run.models.critic.config.llm.remat_policy == "none"  # the checkpoint's own

@@ -63,6 +63,29 @@ def _lora_dict(model_config: dict) -> dict:
     return dict(llm.get("lora") or {})
 
 
+# How to run, not what the weights are: the PPO config's `model` / `critic_model` set these on
+# top of the checkpoints' own configs (e.g. remat 'full' for the real job's memory plan).
+RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy")
+
+
+def with_runtime(model: dict, runtime: Any) -> dict:
+    """A checkpoint's model config with the runtime fields of `runtime` (a model config of the
+    PPO config, video or text; empty: unchanged) laid over it, part by part (llm, vision)."""
+    runtime = runtime.to_dict() if hasattr(runtime, "to_dict") else dict(runtime or {})
+
+    def lay(target: dict, source: dict) -> dict:
+        return dict(target, **{k: source[k] for k in RUNTIME_FIELDS if k in source})
+
+    out = dict(model)
+    runtime_llm = runtime.get("llm", runtime)  # a text LLaMA config is the llm itself
+    if "llm" in out:
+        out["llm"] = lay(dict(out["llm"]), runtime_llm)
+        if "vision" in out and "vision" in runtime:
+            out["vision"] = lay(dict(out["vision"]), runtime["vision"])
+        return out
+    return lay(out, runtime_llm)
+
+
 def _paths_regex(tree) -> str:
     paths = [optim.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
     return "|".join(re.escape(p) for p in paths) or "(?!)"
@@ -118,8 +141,11 @@ def rm_backbone_is_policy_base(policy_step: str, policy_config: dict, rm_step: s
 
 def load_actor_critic(workdir: str, init: str, rm_init: str, mesh, rules, tokenizer,
                       value_lora: dict, critic_shares_base: bool = True, seed: int = 0,
-                      full_finetune: bool = False) -> LoadedModels:
-    """The ActorCritic of a PPO run and a loader of its starting tree. `value_lora` (rank,
+                      full_finetune: bool = False, policy_runtime: Any = None,
+                      critic_runtime: Any = None) -> LoadedModels:
+    """The ActorCritic of a PPO run and a loader of its starting tree. The architectures come
+    from the checkpoints; `policy_runtime` / `critic_runtime` (the PPO config's `model` and
+    `critic_model`) set how to run them (RUNTIME_FIELDS: dtype, remat...). `value_lora` (rank,
     alpha, targets) is the value adapter's when the RM has none. `full_finetune`: the policy
     is its base with the policy-init adapter folded in, all trained (vision and projector
     frozen); the reference is a frozen copy of it. The true-reward control loads the same
@@ -133,13 +159,15 @@ def load_actor_critic(workdir: str, init: str, rm_init: str, mesh, rules, tokeni
         raise ConfigError(f"ppo: cannot read the policy-init or reward-model checkpoint: "
                           f"{str(e).splitlines()[0]}") from None
     policy_kind = policy_config.get("model_kind", "llama")
-    policy, policy_init = build_model(policy_kind, policy_config["model"], tokenizer=tokenizer)
+    policy, policy_init = build_model(policy_kind, with_runtime(policy_config["model"],
+                                                                policy_runtime),
+                                      tokenizer=tokenizer)
     if int(_lora_dict(policy_config["model"]).get("rank", 0)) <= 0:
         raise ConfigError(f"ppo: the policy-init checkpoint {policy_step} has no LoRA adapter "
                           "(PPO trains the policy's adapter; the reference is the base with the "
                           "initial adapter)")
     rm_kind = rm_config.get("model_kind", "llama")
-    rm_model = dict(rm_config["model"])
+    rm_model = with_runtime(dict(rm_config["model"]), critic_runtime)
     rm_lora = dict(rm_config.get("lora") or _lora_dict(rm_model))
     rm_has_adapter = int(rm_lora.get("rank", 0)) > 0
     critic_lora = rm_lora if rm_has_adapter else dict(value_lora)

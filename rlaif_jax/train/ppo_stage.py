@@ -145,7 +145,8 @@ class PPORun:
         self.loaded = loaded or load_actor_critic(
             workdir, config.init, config.rm_init, mesh, rules, tokenizer,
             config.value_lora.to_dict(), config.critic_shares_base, config.seed,
-            config.full_finetune)
+            config.full_finetune, config.model,
+            config.critic_model if list(config.critic_model.keys()) else config.model)
         models = self.loaded.models
         policy_config = models.policy.config
         num_frames, size = policy_config.num_frames, policy_config.vision.image_size
