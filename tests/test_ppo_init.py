@@ -245,8 +245,10 @@ def test_the_rm_shares_the_policy_base_only_when_trained_on_exactly_it(monkeypat
     monkeypatch.setattr(ppo_init, "resolve", lambda init: ("step", steps[init]))
     abstract = jax.eval_shape(init_fn(tiny_reward_model(lora_rank=4)), jax.random.PRNGKey(0))
     merge, adapter_rm = {"init_adapter": "merge"}, {"trainable": "lora/.*|params/reward_head/.*"}
-    decide = lambda policy, policy_config, rm, rm_config: ppo_init.rm_backbone_is_policy_base(  # noqa
-        policy, policy_config, rm, rm_config, abstract)
+
+    def decide(policy, policy_config, rm, rm_config):
+        return ppo_init.rm_backbone_is_policy_base(policy, policy_config, rm, rm_config, abstract)
+
     assert decide("policy", merge, "rm", adapter_rm) == (True, "")
     shares, why = decide("policy", merge, "rm_other", adapter_rm)
     assert not shares and "sft13b" in why

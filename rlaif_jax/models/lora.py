@@ -83,7 +83,8 @@ class Projection(nn.Module):
         rng = self.make_rng("params") if self.is_initializing() else None
         a = self.variable(
             LORA_COLLECTION, "lora_a",
-            nn.with_logical_partitioning(nn.initializers.he_uniform(), (self.axes[0], LORA_RANK_AXIS)),
+            nn.with_logical_partitioning(nn.initializers.he_uniform(),
+                                         (self.axes[0], LORA_RANK_AXIS)),
             rng, (in_features, rank), self.param_dtype,
         ).value
         b = self.variable(
