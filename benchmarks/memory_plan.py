@@ -56,9 +56,9 @@ def _args(argv=None):
     p.add_argument("--fsdp", type=int, default=-1)
     p.add_argument("--tensor", type=int, default=1)
     p.add_argument("--memory_gib", type=float, default=0, help="per-device memory; 0: by target")
-    p.add_argument("--max_replicated_share", type=float, default=0.05,
-                   help="the start-up check's limit on replicated parameter bytes (the preset's "
-                        "2%% is exceeded by the 13B LoRA adapters on an fsdp-only mesh: 2.5%%)")
+    p.add_argument("--max_replicated_share", type=float, default=-1.0,
+                   help="the start-up check's limit on replicated parameter bytes; -1: the "
+                        "preset's (2%%)")
     return p.parse_args(argv)
 
 
@@ -135,7 +135,9 @@ def build_ppo(args, devices):
     tx, schedule = ppo_optimizer(config, settings)
     mesh = make_mesh(config.mesh, devices)
     layout = plan_state(models.init_variables, tx, mesh, make_rules(config.rules),
-                        models.trainable_regex(), max_replicated_share=args.max_replicated_share)
+                        models.trainable_regex(), max_replicated_share=(
+                            config.max_replicated_share if args.max_replicated_share < 0
+                            else args.max_replicated_share))
     # The frozen bases may be stored in a narrower dtype than the presets' float32 params.
     frozen_dtype = jnp.dtype(args.frozen_dtype)
     frozen = jax.tree.map(

@@ -20,8 +20,12 @@ from configs import models
 def _base() -> ml_collections.ConfigDict:
     c = common_lib.common("ppo")
     c.model_kind = "video_llm"
-    c.model = models.get_config("video_tiny")  # the policy's architecture
-    c.critic_model = ml_collections.ConfigDict(type_safe=False)  # empty: the policy's base
+    # The policy's and the RM / value backbone's models. A run reads their architectures from
+    # the checkpoints it starts from and takes only how to run them from here (dtype,
+    # param_dtype, scan_layers, remat_policy: e.g. --config.model.llm.remat_policy=full);
+    # benchmarks/memory_plan.py builds the whole job from them. Empty critic_model: the policy's.
+    c.model = models.get_config("video_tiny")
+    c.critic_model = ml_collections.ConfigDict(type_safe=False)
     c.critic_shares_base = True
     c.full_finetune = False
     # Where the models come from: stage directories of this workdir ('stage:NAME'), checkpoint

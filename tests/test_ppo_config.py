@@ -42,3 +42,19 @@ def test_bad_batch_sizes_fail_at_start():
         config.ppo.minibatch_size = 48
     with pytest.raises(ConfigError, match="multiple of ppo.minibatch_size"):
         settings_from_config(config, 2, 0)
+
+
+def test_rollout_rules_override_the_training_rules():
+    from rlaif_jax.parallel.sharding import DEFAULT_RULES
+    from rlaif_jax.train.ppo_stage import rollout_rules
+
+    config = ppo_configs.get_config("tiny")
+    assert rollout_rules(config) is None  # sampling in the training layout
+    with config.unlocked():
+        config.rules = (("mlp", None),)
+        config.rollout_rules = (("embed", None), ("heads", ["fsdp", "tensor"]))
+    rules = dict(rollout_rules(config))
+    assert rules["embed"] is None and rules["heads"] == ("fsdp", "tensor")
+    assert rules["mlp"] is None  # the training overrides hold for sampling too
+    assert {k: v for k, v in rules.items() if k not in ("embed", "heads", "mlp")} == {
+        k: v for k, v in DEFAULT_RULES if k not in ("embed", "heads", "mlp")}

@@ -21,6 +21,11 @@ import jax.numpy as jnp
 
 LORA_COLLECTION = "lora"
 LLAMA_PROJECTIONS = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+# The logical name of an adapter's rank dimension. Its rule (parallel/sharding.py) shards it
+# over 'fsdp' wherever the other dimension has not taken 'fsdp' already: `lora_b` of q/k/v/gate/
+# up and `lora_a` of o/down, whose other dimension follows 'heads' or 'mlp' ('tensor'), would
+# otherwise be whole on every device of an fsdp-only mesh (2.5% of the 7B + 13B PPO job's bytes).
+LORA_RANK_AXIS = "lora_rank"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,12 +83,13 @@ class Projection(nn.Module):
         rng = self.make_rng("params") if self.is_initializing() else None
         a = self.variable(
             LORA_COLLECTION, "lora_a",
-            nn.with_logical_partitioning(nn.initializers.he_uniform(), (self.axes[0], None)),
+            nn.with_logical_partitioning(nn.initializers.he_uniform(),
+                                         (self.axes[0], LORA_RANK_AXIS)),
             rng, (in_features, rank), self.param_dtype,
         ).value
         b = self.variable(
             LORA_COLLECTION, "lora_b",
-            nn.with_logical_partitioning(nn.initializers.zeros, (None, self.axes[1])),
+            nn.with_logical_partitioning(nn.initializers.zeros, (LORA_RANK_AXIS, self.axes[1])),
             rng, (rank, self.features), self.param_dtype,
         ).value
         low = jnp.einsum("...i,ir->...r", x, a.astype(self.dtype))

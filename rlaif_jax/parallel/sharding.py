@@ -1,7 +1,8 @@
 """Logical axis rules and the shardings of params, optimizer state and batches.
 
 Params carry logical axis names (`nn.with_logical_partitioning`); a rules table maps each name to
-mesh axes. The table is config: `config.rules` overrides entries of DEFAULT_RULES. A dimension
+mesh axes. The table is config: `config.rules` overrides entries of DEFAULT_RULES in place (the
+order is the priority when two dimensions of one array want the same mesh axis). A dimension
 that a mesh axis does not divide is left unsharded (jit rejects uneven shardings of arguments);
 `check_replicated_share` then says whether too much stayed replicated.
 """
@@ -30,6 +31,10 @@ DEFAULT_RULES: Rules = (
     ("vocab", "tensor"),
     ("layers", None),
     ("norm", None),
+    # A LoRA adapter's rank dimension. Rules apply in this order and a mesh axis once per array,
+    # so the rank takes 'fsdp' only where the other dimension did not ('embed' comes first):
+    # lora_a [embed, rank] -> ('fsdp', None), lora_b [rank, heads] -> ('fsdp', 'tensor').
+    ("lora_rank", "fsdp"),
     # activations
     ("act_batch", ("data", "fsdp")),
     ("act_length", None),

@@ -43,6 +43,16 @@ def settings_from_config(config, eos_token_id: int, pad_token_id: int,
                        question_mark_ids=tuple(question_mark_ids), **fields)
 
 
+def rollout_rules(config):
+    """The sampler's logical axis rules: the training rules with `config.rollout_rules`
+    overriding entries (None when it overrides nothing: sampling uses the training layout)."""
+    from rlaif_jax.parallel.sharding import make_rules
+
+    if not config.rollout_rules:
+        return None
+    return make_rules(tuple(config.rules) + tuple(config.rollout_rules))
+
+
 def ppo_optimizer(config, settings: PPOSettings):
     """AdamW with one global clip; warmup and cosine counted in iterations (SPEC.md: 5 warmup
     iterations), converted to optimizer steps (epochs x minibatches an iteration)."""
@@ -134,7 +144,9 @@ class PPORun:
         # `loaded`: another run's models over the same checkpoints (the main job's control).
         self.loaded = loaded or load_actor_critic(
             workdir, config.init, config.rm_init, mesh, rules, tokenizer,
-            config.value_lora.to_dict(), config.critic_shares_base, config.seed)
+            config.value_lora.to_dict(), config.critic_shares_base, config.seed,
+            config.full_finetune, config.model,
+            config.critic_model if list(config.critic_model.keys()) else config.model)
         models = self.loaded.models
         policy_config = models.policy.config
         num_frames, size = policy_config.num_frames, policy_config.vision.image_size
@@ -157,7 +169,7 @@ class PPORun:
         else:
             rm_suffix = rm_suffix_ids(tokenizer)
         self.trainer = PPOTrainer(models, self.layout, self.settings, schedule, score_fn=score_fn,
-                                  rm_suffix=rm_suffix, rollout_rules=config.rollout_rules or None)
+                                  rm_suffix=rm_suffix, rollout_rules=rollout_rules(config))
         self._held_out = None
 
     # The policy init's own SFT-stage config: where its world's held-out QA lives.
