@@ -22,7 +22,7 @@ from configs import models as model_presets
 from configs import rm as rm_configs
 from configs import sft as sft_configs
 from rlaif_jax.checkpoints.orbax_io import Checkpoints, read_step_dir
-from rlaif_jax.checkpoints.stage_model import build_model
+from rlaif_jax.train.model_init import model_from_config
 from rlaif_jax.data import conversation
 from rlaif_jax.data.pipeline import Pipeline
 from rlaif_jax.models.lora import merge_lora
@@ -109,9 +109,9 @@ def _rm_stage_scores(rm_stage, tokenizer, batch):
     manager = Checkpoints(os.path.join(stage_dir, "checkpoints"), 1, 1, False)
     state, _ = manager.restore(manager.latest_step(), stage.layout.abstract_state_sharded)
     manager.close()
-    lora = config.lora.to_dict() if config.lora.rank > 0 else None
-    model, _ = build_model(config.model_kind, config.model, reward_head=True, lora=lora,
-                           tokenizer=tokenizer)
+    adapter = {"lora": config.lora.to_dict()} if config.lora.rank > 0 else {}
+    model, _ = model_from_config(config.model_kind, config.model, tokenizer=tokenizer,
+                                 reward_head=True, **adapter)
     scores = jax.jit(lambda v, b: pair_rewards(model, v, b))
     return np.asarray(scores(optim.merge_trees(state.params, frozen), batch))
 
@@ -242,7 +242,7 @@ def test_the_rm_shares_the_policy_base_only_when_trained_on_exactly_it(monkeypat
     inits = {"policy": sft_dir, "rm": sft, "rm_other": other, "random": ""}
     steps = {sft_dir: sft, sft: sft, other: other}
     monkeypatch.setattr(ppo_init, "read_meta", lambda step: {"init": inits[step]})
-    monkeypatch.setattr(ppo_init, "resolve", lambda init: ("step", steps[init]))
+    monkeypatch.setattr(ppo_init, "resolve_checkpoint", lambda init: ("step", steps[init]))
     abstract = jax.eval_shape(init_fn(tiny_reward_model(lora_rank=4)), jax.random.PRNGKey(0))
     merge, adapter_rm = {"init_adapter": "merge"}, {"trainable": "lora/.*|params/reward_head/.*"}
 

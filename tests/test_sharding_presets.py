@@ -17,7 +17,6 @@ from jax.sharding import PartitionSpec as P
 from configs import ppo as ppo_configs
 from configs import rm as rm_configs
 from configs import sft as sft_configs
-from rlaif_jax.checkpoints import stage_model
 from rlaif_jax.models.video_llm import VideoLLM, VideoLLMConfig
 from rlaif_jax.parallel.mesh import make_mesh
 from rlaif_jax.parallel.sharding import make_rules, replicated_share
@@ -49,8 +48,8 @@ def _sft(preset):
 def _rm_vicuna13b():
     config = rm_configs.get_config("vicuna13b")
     backbone = sft_configs.get_config("vicuna13b")  # what the RM's init checkpoint holds
-    _, init = stage_model.build_model(backbone.model_kind, backbone.model, reward_head=True,
-                                      lora=config.lora.to_dict())
+    _, init = model_init.model_from_config(backbone.model_kind, backbone.model, reward_head=True,
+                                           lora=config.lora.to_dict())
     return config, init, config.trainable, config.frozen
 
 
