@@ -16,6 +16,18 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def override(config, **changes):
+    """`config` with dotted keys set in place (`**{"lora.rank": 4}`), as --config.x=y would."""
+    with config.unlocked():
+        for key, value in changes.items():
+            node = config
+            *parents, leaf = key.split(".")
+            for parent in parents:
+                node = node[parent]
+            node[leaf] = value
+    return config
+
+
 def launch(args: list[str], devices: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
     """Runs launch/main.py in a fresh process with `devices` CPU devices."""
     env = dict(os.environ)

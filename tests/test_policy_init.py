@@ -23,18 +23,11 @@ from rlaif_jax.train.optim import merge_trees
 from rlaif_jax.train.sft_stage import build_sft_stage
 from rlaif_jax.train.state import plan_state
 from rlaif_jax.train import optim
+from tests.stage_fixtures import override
 
 
 def _config(preset, **changes):
-    config = sft_configs.get_config(preset)
-    with config.unlocked():
-        for key, value in changes.items():
-            node = config
-            *parents, leaf = key.split(".")
-            for parent in parents:
-                node = node[parent]
-            node[leaf] = value
-    return config
+    return override(sft_configs.get_config(preset), **changes)
 
 
 def _lora_leaves(tree):

@@ -35,6 +35,7 @@ from rlaif_jax.train.ppo_world import rm_suffix_ids
 from rlaif_jax.train.reward import build_rm_stage, pair_rewards
 from rlaif_jax.train.sft_stage import build_sft_stage
 from tests.data_fixtures import world_dir  # noqa: F401
+from tests.stage_fixtures import override
 
 OPTIONS = LoopOptions(checkpoint_every=2, async_checkpoints=False, tensorboard=False,
                       progress=False)
@@ -45,22 +46,12 @@ def _mesh():
     return make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])  # compiles fastest
 
 
-def _set(config, **changes):
-    with config.unlocked():
-        for key, value in changes.items():
-            node = config
-            *parents, leaf = key.split(".")
-            for parent in parents:
-                node = node[parent]
-            node[leaf] = value
-    return config
-
 
 @pytest.fixture(scope="module")
 def policy_stage(tmp_path_factory):
     """A text SFT stage with a LoRA r 4 adapter, one step: PPO's policy init."""
     workdir = tmp_path_factory.mktemp("ppo_init_policy")
-    config = _set(sft_configs.get_config("reverse"), workdir=str(workdir), num_steps=2,
+    config = override(sft_configs.get_config("reverse"), workdir=str(workdir), num_steps=2,
                   trainable="lora/.*", max_replicated_share=1.0,
                   **{"model.lora.rank": 4, "model.lora.alpha": 8.0, "optim.lr": 3e-2})
     stage = dataclasses.replace(build_sft_stage(config, _mesh()), evaluate=None)
@@ -71,7 +62,7 @@ def policy_stage(tmp_path_factory):
 def _rm_config(workdir, world, adapter: bool):
     model = model_presets.get_config("video_tiny")
     model.llm.update(dict(hidden_size=64, intermediate_size=128, num_layers=2))
-    config = _set(rm_configs.get_config("vicuna13b" if adapter else "smoke"),
+    config = override(rm_configs.get_config("vicuna13b" if adapter else "smoke"),
                   workdir=str(workdir), world_dir=world, init_model_from_checkpoint=False,
                   preferences=os.path.join(world, "preferences_oracle.json"),
                   model=ml_collections.ConfigDict(model.to_dict()), num_steps=2, batch_size=4,
@@ -80,7 +71,7 @@ def _rm_config(workdir, world, adapter: bool):
                      "checkpoint.async_save": False, "optim.lr": 3e-2,
                      "optim.warmup_ratio": 0.0, "mesh.fsdp": 1})
     if adapter:
-        _set(config, **{"lora.rank": 4, "lora.alpha": 8.0})
+        override(config, **{"lora.rank": 4, "lora.alpha": 8.0})
     return config
 
 
@@ -270,7 +261,7 @@ def test_a_policy_init_that_continued_its_adapter_is_rebuilt_without_merging_it(
     from rlaif_jax.train.model_init import build_model as stage_build_model
     from rlaif_jax.train.ppo_init import load_keeping_adapter
 
-    config = _set(sft_configs.get_config("reverse"), workdir=str(tmp_path), num_steps=2,
+    config = override(sft_configs.get_config("reverse"), workdir=str(tmp_path), num_steps=2,
                   init=policy_stage, init_adapter="continue", trainable="lora/.*",
                   max_replicated_share=1.0,
                   **{"model.lora.rank": 4, "model.lora.alpha": 8.0, "optim.lr": 3e-2})

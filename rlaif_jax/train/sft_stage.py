@@ -273,7 +273,7 @@ def build_sft_stage(config, mesh) -> Stage:
         if not init and tower is not None:
             variables = starting_variables("", layout, init_variables, config.seed)
             variables["params"]["vision"] = tower
-            return state_from_variables(layout, jax.device_get(variables), rng)
+            return state_from_variables(layout, variables, rng)
         if not init:
             return init_state(layout, init_variables, rng)
         variables = starting_variables(init, layout, init_variables, config.seed,

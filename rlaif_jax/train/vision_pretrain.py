@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 from tqdm import tqdm
 
 from rlaif_jax.checkpoints import safetensors_io
@@ -197,33 +198,17 @@ def pretrained_tower(cache_dir: str, world_dir: str, config: ClipVisionConfig, n
         with open(metrics_path) as f:
             if json.load(f).get("settings") == settings:
                 reader = safetensors_io.SafetensorsReader(cache_dir)
-                return _unflatten({key: reader.get(key) for key in reader.keys()})
+                return traverse_util.unflatten_dict(
+                    {key: reader.get(key) for key in reader.keys()}, sep="/")
     params, metrics = pretrain_vision(world_dir, config, num_frames, steps, batch_size, lr, seed,
                                       progress)
     tmp = cache_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    safetensors_io.write_safetensors(_flatten(jax.device_get(params)), tmp)
+    flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
+    safetensors_io.write_safetensors(flat.items(), tmp)
     with open(os.path.join(tmp, METRICS_FILE), "w") as f:
         json.dump({"settings": settings, **metrics}, f, indent=1)
     shutil.rmtree(cache_dir, ignore_errors=True)
     os.replace(tmp, cache_dir)
     return params
 
-
-def _flatten(tree: dict, prefix: str = ""):
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _flatten(value, f"{prefix}{key}/")
-        else:
-            yield f"{prefix}{key}", np.asarray(value)
-
-
-def _unflatten(flat: dict) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
