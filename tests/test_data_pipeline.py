@@ -169,6 +169,23 @@ def test_curriculum_is_a_schedule_of_splits(instruction_data, world_tokenizer): 
         curriculum.locate(5)
 
 
+def test_curriculum_phase_interleaves_splits_and_continues_their_streams(
+        instruction_data, world_tokenizer):  # noqa: F811
+    kwargs = dict(batch_size=4, max_length={"short": 64, "long": 128}, seed=0)
+    schedule = [("short", 2), ("short+short+long", 5), ("long+short", 3)]
+    curriculum = Curriculum(instruction_data, schedule, world_tokenizer, **kwargs)
+    assert [curriculum.locate(s) for s in range(10)] == [
+        ("short", 0), ("short", 1),
+        ("short", 2), ("short", 3), ("long", 0), ("short", 4), ("short", 5),
+        ("long", 1), ("short", 6), ("long", 2)]
+    # Each step is one split's batch at that split's own length: nothing padded to the other's.
+    assert curriculum.batch(4)["input_ids"].shape[1] > curriculum.batch(3)["input_ids"].shape[1]
+    short = Pipeline(instruction_data, "short", world_tokenizer, 4, 64, seed=0)
+    np.testing.assert_array_equal(curriculum.batch(8)["input_ids"], short.batch(6)["input_ids"])
+    with pytest.raises(ValueError, match="empty split"):
+        Curriculum(instruction_data, [("short+", 2)], world_tokenizer, **kwargs)
+
+
 def test_long_items_are_truncated_or_dropped_and_counted(instruction_data, world_tokenizer):  # noqa: F811
     full = Pipeline(instruction_data, "long", world_tokenizer, batch_size=2, max_length=512)
     assert full.num_truncated == 0 and not full.skipped

@@ -279,9 +279,29 @@ def prefetched(make_batch, start_step: int, num_steps: int | None, prefetch: int
             yield step, future.result()
 
 
+def phase_splits(phase: str) -> list[str]:
+    """The splits a curriculum phase takes its steps from, in turn: "short+long" -> [short, long]."""
+    splits = [s.strip() for s in str(phase).split("+")]
+    if not all(splits):
+        raise ValueError(f"curriculum phase {phase!r}: empty split name")
+    return splits
+
+
+def _turns_taken(turns: list[str], split: str, steps: int) -> int:
+    """Steps that `split` gets in a phase of `steps` steps taking turns over `turns`."""
+    rounds, rest = divmod(steps, len(turns))
+    return rounds * turns.count(split) + turns[:rest].count(split)
+
+
 class Curriculum:
     """A schedule of splits, e.g. [("short", 300), ("long", 700)]: global step -> (split, step
-    within it). Each split keeps its own seeded order, so resuming anywhere is still a seek."""
+    within it). Each split keeps its own seeded order, so resuming anywhere is still a seek.
+
+    A phase may interleave splits: "short+long" takes its steps from short, long, short, ... in
+    turn (a split named twice, "short+short+long", gets twice the steps). Each step is still one
+    split's batch, so every split keeps its own static shape and no row is padded to another
+    split's length; a later phase of a split continues its stream where the earlier one left it.
+    """
 
     def __init__(self, data_dir: str, schedule: Sequence[tuple[str, int]], tokenizer,
                  batch_size: int, max_length: int | dict[str, int], seed: int = 0,
@@ -290,15 +310,16 @@ class Curriculum:
         tokens than descriptions, and each split's batches keep their own static shape."""
         if not schedule or any(steps <= 0 for _, steps in schedule):
             raise ValueError("a curriculum needs at least one stage, each of positive steps")
-        self.schedule = [(split, int(steps)) for split, steps in schedule]
+        self.schedule = [(phase, int(steps)) for phase, steps in schedule]
+        splits = list(dict.fromkeys(s for phase, _ in self.schedule for s in phase_splits(phase)))
         lengths = max_length if isinstance(max_length, dict) else {
-            split: max_length for split, _ in self.schedule}
-        missing = sorted({split for split, _ in self.schedule} - set(lengths))
+            split: max_length for split in splits}
+        missing = sorted(set(splits) - set(lengths))
         if missing:
             raise ValueError(f"no max_length for splits {missing}")
         self.pipelines = {split: Pipeline(data_dir, split, tokenizer, batch_size, lengths[split],
                                           seed, **pipeline_kwargs)
-                          for split in dict(self.schedule)}
+                          for split in splits}
         self.batch_size = batch_size
         self.prefetch = pipeline_kwargs.get("prefetch", 2)
         self.workers = pipeline_kwargs.get("workers", 2)
@@ -310,10 +331,17 @@ class Curriculum:
             raise IndexError(f"step {step} outside the curriculum's {self.total_steps} steps")
         seen = collections.Counter()  # a split may come back later: continue its stream
         start = 0
-        for split, steps in self.schedule:
+        for phase, steps in self.schedule:
+            turns = phase_splits(phase)
             if step < start + steps:
-                return split, seen[split] + step - start
-            seen[split] += steps
+                within = step - start
+                split = turns[within % len(turns)]
+                # Earlier turns of this split in this phase: full rounds, then this round's.
+                earlier = (within // len(turns)) * turns.count(split) + turns[:within % len(turns)
+                                                                              ].count(split)
+                return split, seen[split] + earlier
+            for split in set(turns):
+                seen[split] += _turns_taken(turns, split, steps)
             start += steps
         raise AssertionError("unreachable")
 

@@ -115,10 +115,11 @@ class SyntheticSources:
 
 
 def training_curriculum(config, build_dir: str, tokenizer):
-    from rlaif_jax.data.pipeline import Curriculum
+    from rlaif_jax.data.pipeline import Curriculum, phase_splits
     schedule = curriculum_steps(config.data.curriculum, config.num_steps)
     try:
-        lengths = {split: config.data.max_length for split, _ in schedule}
+        lengths = {split: config.data.max_length
+                   for phase, _ in schedule for split in phase_splits(phase)}
         lengths.update({str(s): int(n) for s, n in config.data.split_max_length})
         return Curriculum(build_dir, schedule, tokenizer, config.batch_size, lengths,
                           seed=config.seed)
