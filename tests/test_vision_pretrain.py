@@ -11,7 +11,8 @@ from configs import models
 from rlaif_jax.data.synthetic import render, world
 from rlaif_jax.models.clip_vision import ClipVisionConfig
 from rlaif_jax.train import vision_pretrain
-from rlaif_jax.train.vision_pretrain import TARGETS, pretrained_tower, visual_targets
+from rlaif_jax.train.vision_pretrain import (FRAME_TARGETS, TARGETS, frame_targets,
+                                             pretrained_tower, visual_targets)
 from tests.data_fixtures import world_dir  # noqa: F401  (fixture)
 
 
@@ -42,6 +43,28 @@ def test_targets_name_each_visible_fact_and_absent_shapes():
     assert all(0 <= t < classes for t, (_, classes) in zip(targets, TARGETS))
 
 
+def test_frame_targets_follow_each_shape_colour_and_cell_frame_by_frame():
+    # 64 px frames, 4 cells a side: cell = 1 + centre // 16. The square moves left by
+    # 0.35 * 64 = 22.4 px over the video and turns blue at frame 7; the circle appears at 3.
+    square = {"shape": "square", "colour": "red", "new_colour": "blue", "change_frame": 7,
+              "motion": "left", "appear_frame": 0, "start": [40.0, 30.0], "radius": 5.0}
+    circle = {"shape": "circle", "colour": "green", "new_colour": None, "change_frame": None,
+              "motion": "still", "appear_frame": 3, "start": [10.0, 50.0], "radius": 5.0}
+    truth = {"num_frames": 9, "size": 64, "objects": [square, circle]}
+    targets = frame_targets(truth)
+    assert targets.shape == (9, len(FRAME_TARGETS))
+    names = [n for n, _ in FRAME_TARGETS]
+    column = {name: targets[:, names.index(name)].tolist() for name in names}
+    red, blue, green = (1 + list(world.COLOURS).index(c) for c in ("red", "blue", "green"))
+    assert column["square_frame_colour"] == [red] * 7 + [blue] * 2
+    assert column["square_frame_x"][0] == 1 + 40 // 16 and column["square_frame_x"][-1] == 2
+    assert column["square_frame_y"] == [2] * 9
+    assert column["circle_frame_colour"] == [0] * 3 + [green] * 6  # not visible before frame 3
+    assert column["circle_frame_x"] == [0] * 3 + [1] * 6
+    assert column["circle_frame_y"] == [0] * 3 + [4] * 6
+    assert column["triangle_frame_colour"] == [0] * 9  # absent
+
+
 def world_attribute_names(shape):
     return [(f"{shape}_{name}", c) for name, c in vision_pretrain.SHAPE_ATTRIBUTES]
 
@@ -53,7 +76,8 @@ def test_fresh_videos_are_rendered_world_videos_with_their_targets():
     again = np.random.default_rng(3)
     truth = world.sample_truth(again, "fresh", 8, 64, 4)
     np.testing.assert_array_equal(frames[0], render.render_frames(truth))
-    np.testing.assert_array_equal(targets[0], visual_targets(truth))
+    np.testing.assert_array_equal(targets["video"][0], visual_targets(truth))
+    np.testing.assert_array_equal(targets["frame"][0], frame_targets(truth))
 
 
 def _tower_config() -> ClipVisionConfig:
@@ -71,7 +95,7 @@ def test_pretraining_lowers_the_probe_loss_and_caches_the_tower(world_dir, tmp_p
         metrics = json.load(f)
     assert metrics["train_loss"] < metrics["first_loss"] - 0.3
     assert metrics["eval_loss"] < metrics["first_loss"] - 0.15  # 4 saved, decoded eval videos
-    assert set(metrics["eval_accuracy"]) == {name for name, _ in TARGETS}
+    assert set(metrics["eval_accuracy"]) == {name for name, _ in TARGETS + FRAME_TARGETS}
     assert {"patch_embedding", "layers"} <= set(params)  # the tower alone, as VideoLLM names it
 
     def no_training(*a, **k):
