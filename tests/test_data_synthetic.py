@@ -177,3 +177,7 @@ def test_judge_items_agree_with_the_scorer(world_dir):
         name = item["id"].rsplit("_judge", 1)[0]
         expected = preference(truth[name], question, answer_1, answer_2)
         assert item["conversations"][1]["value"] == str(expected)
+        # Every pair comes with the true context and without any (the no-context ablation).
+        assert ("description of the video" in prompt) != item["id"].endswith("_nocontext")
+    with_context = {i["id"] for i in items if not i["id"].endswith("_nocontext")}
+    assert {i["id"] for i in items} - with_context == {f"{x}_nocontext" for x in with_context}

@@ -86,15 +86,20 @@ def _pair_specs(truth: dict, rng: np.random.Generator) -> list[dict]:
 
 
 def _judge_items(truth: dict, context: str, rng: np.random.Generator) -> list[dict]:
+    """Each pair twice: judged with the video's true context and without one, the two prompts
+    of the feedback stage (context='clips' and its no-context ablation)."""
     items = []
     for k, spec in enumerate(_pair_specs(truth, rng)):
         pair = _answer_pair(truth, spec, rng)
         if pair is None:
             continue
         question, answer_1, answer_2, better = pair
-        prompt = prompts.judge_prompt(question, answer_1, answer_2, context)
-        items.append({"id": f"{truth['name']}_judge{k}", "images": video_path(truth["name"]),
-                      "conversations": _conversation(prompt, prompts.JUDGE_CHOICES[better - 1])})
+        for suffix, given in (("", context), ("_nocontext", None)):
+            prompt = prompts.judge_prompt(question, answer_1, answer_2, given)
+            items.append({"id": f"{truth['name']}_judge{k}{suffix}",
+                          "images": video_path(truth["name"]),
+                          "conversations": _conversation(prompt,
+                                                         prompts.JUDGE_CHOICES[better - 1])})
     return items
 
 
