@@ -9,6 +9,7 @@ video (rows rolled by 7), the norm of the pooled video tokens and their spread a
     python -m benchmarks.video_gap steps=100 every=50 data=/tmp/w/tiny/data [lr=3e-3]
         [vis_mult=1.0 (lr factor for vision + projector; 0 freezes both)]
         [patch=16] [wd=0.0] [split=310] [bs=32] [seed=0] [warm=0.05]
+        [vision=PKL (a pre-trained tower) proj_mult=X] [width=N layers=N (the LLM's size)]
 
 `data` is a workdir's data/ folder made by `python launch/main.py --config=configs/sft.py`.
 """
@@ -28,7 +29,7 @@ from rlaif_jax.models.video_llm import VideoLLM
 def main(argv):
     args = dict(steps=150, lr=3e-3, vis_mult=1.0, every=25, patch=16, wd=0.0, seed=0,
                 bs=32, data="/tmp/w5/tiny/data", split=310, warm=0.05,
-                vision="", proj_mult=-1.0)
+                vision="", proj_mult=-1.0, width=0, layers=0)
     for a in argv:
         k, v = a.split("=")
         args[k] = type(args[k])(v)
@@ -57,6 +58,11 @@ def main(argv):
     mc = models.get_config("video_tiny")
     mc.freeze_vision = False
     mc.vision.patch_size = args["patch"]
+    if args["width"]:  # a wider LLM (intermediate size scaled alike)
+        mc.llm.intermediate_size = mc.llm.intermediate_size * args["width"] // mc.llm.hidden_size
+        mc.llm.hidden_size = args["width"]
+    if args["layers"]:
+        mc.llm.num_layers = args["layers"]
     cfg = video_llm_config(mc, tok)
     model = VideoLLM(cfg)
     params = nn.unbox(model.init(jax.random.PRNGKey(args["seed"]), jnp.zeros((1, 8), jnp.int32)))["params"]
