@@ -47,6 +47,28 @@ def test_scorer_judge_gives_the_truth_full_marks_and_wrong_answers_less(world):
     assert all(j.score == 0 for j in one_wrong) and all(j.score == 5 for j in both_right)
 
 
+def test_exact_match_is_also_reported_per_question_type(world):
+    import numpy as np
+
+    from rlaif_jax.data.synthetic import load_truth
+    from rlaif_jax.data.synthetic.text import parse_question
+    from rlaif_jax.eval.synthetic_qa import EvalItem, score_items
+
+    records = json.load(open(world / "eval_qa.json"))
+    empty = np.zeros((1,), np.int32)
+    items = [EvalItem(r["video_name"], r["question"], r["answer"], parse_question(r["question"]),
+                      empty, empty, 0, empty) for r in records]
+    # Right on every type but the counts, which are all answered wrong.
+    answers = ["I do not know" if i.spec["type"] == "count" else i.answer for i in items]
+    metrics = score_items(items, answers, load_truth(str(world)), "eval/")
+    kinds = {i.spec["type"] for i in items}
+    assert {f"eval/exact_match/{kind}" for kind in kinds} <= set(metrics)
+    assert metrics["eval/exact_match/count"] == 0.0
+    assert all(metrics[f"eval/exact_match/{kind}"] == 1.0 for kind in kinds - {"count"})
+    counts = sum(i.spec["type"] == "count" for i in items)
+    assert metrics["eval/exact_match"] == pytest.approx(1 - counts / len(items))
+
+
 def test_tiny_model_end_to_end_on_the_world(world, tmp_path, monkeypatch):
     """A random text-only LLaMA, blind (no videos), answers every eval file of the world; the
     scorer grades it; a rerun loads nothing and asks nothing."""

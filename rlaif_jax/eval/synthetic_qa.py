@@ -4,7 +4,9 @@ For every question of an evaluation split (a `qa` build, e.g. of eval_qa.json an
 eval_generic.json), the model answers by greedy decoding (`rollout.generate`) and
 `synthetic.score_answer` grades the answer against the video's truth. Reported:
 
-- `exact_match`: share of short-answer questions answered right (`Score.correct`);
+- `exact_match`: share of short-answer questions answered right (`Score.correct`), and
+  `exact_match/<type>` per question type (`count`, `colour`, `motion`, `before_after`, ...):
+  which facts the model reads from the video and which it guesses;
 - `chance`: the expected exact match of a uniform guess among each question's possible answers
   (6 colours, 5 motions, 3 counts, 3 shapes, 3 times, the video's events, before/after);
 - per-axis means of the scorer (`correctness`, `temporal`) on short questions, and on
@@ -123,16 +125,21 @@ def _mean(values: list) -> float:
 def score_items(items: list[EvalItem], answers: list[str], truths: dict, prefix: str = "",
                 ) -> dict[str, float]:
     """Scorer means over the items (keys as in the module docstring, each with `prefix`)."""
-    short, described = [], []
+    short, described, by_type = [], [], {}
     for item, answer in zip(items, answers):
         truth = truths[item.video_name]
         score = score_answer(truth, item.spec, answer)
-        (short if is_short(item, truth) else described).append(score)
+        if is_short(item, truth):
+            short.append(score)
+            by_type.setdefault(item.spec["type"], []).append(score.correct)
+        else:
+            described.append(score)
     out = {}
     if short:
         out.update({"exact_match": _mean([s.correct for s in short]),
                     "correctness": _mean([s.correctness for s in short]),
                     "temporal": _mean([s.temporal for s in short])})
+        out.update({f"exact_match/{kind}": _mean(hits) for kind, hits in sorted(by_type.items())})
     if described:
         out.update({"describe_correctness": _mean([s.correctness for s in described]),
                     "describe_detail": _mean([s.detail for s in described]),
