@@ -46,7 +46,6 @@ def _mesh():
     return make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])  # compiles fastest
 
 
-
 @pytest.fixture(scope="module")
 def policy_stage(tmp_path_factory):
     """A text SFT stage with a LoRA r 4 adapter, one step: PPO's policy init."""

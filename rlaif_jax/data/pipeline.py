@@ -336,10 +336,7 @@ class Curriculum:
             if step < start + steps:
                 within = step - start
                 split = turns[within % len(turns)]
-                # Earlier turns of this split in this phase: full rounds, then this round's.
-                earlier = (within // len(turns)) * turns.count(split) + turns[:within % len(turns)
-                                                                              ].count(split)
-                return split, seen[split] + earlier
+                return split, seen[split] + _turns_taken(turns, split, within)
             for split in set(turns):
                 seen[split] += _turns_taken(turns, split, steps)
             start += steps

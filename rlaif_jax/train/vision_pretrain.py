@@ -85,15 +85,18 @@ def frame_targets(truth: dict) -> np.ndarray:
     def cell(coordinate: float) -> int:
         return 1 + min(POSITION_CELLS - 1, max(0, int(coordinate / size * POSITION_CELLS)))
 
+    width = len(FRAME_ATTRIBUTES)
     out = np.zeros((frames, len(FRAME_TARGETS)), np.int32)
-    for frame in range(frames):
-        for k, shape in enumerate(world.SHAPES):
-            obj = world.find_object(truth, shape)
-            if obj is None or not world.is_visible(obj, frame):
+    for k, shape in enumerate(world.SHAPES):
+        obj = world.find_object(truth, shape)
+        if obj is None:
+            continue
+        for frame in range(frames):
+            if not world.is_visible(obj, frame):
                 continue
             x, y = world.object_centre(obj, frame, frames, size)
-            out[frame, 3 * k:3 * k + 3] = (1 + colours.index(world.colour_at(obj, frame)),
-                                           cell(x), cell(y))
+            out[frame, width * k:width * (k + 1)] = (
+                1 + colours.index(world.colour_at(obj, frame)), cell(x), cell(y))
     return out
 
 
