@@ -90,21 +90,25 @@ class ChatServer:
             if self.delay_s:
                 time.sleep(self.delay_s)
             if self.api_key and handler.headers.get("Authorization") != f"Bearer {self.api_key}":
-                return self._send(handler, 401, b'{"error": "bad key"}')
-            script = self.scripts.get(marker, [self.default])
-            action = script[min(attempt, len(script) - 1)]
-            if action[0] == "ok":
-                self._send(handler, 200, self.completion(action[1]))
-            elif action[0] == "status":
-                headers = [] if action[2] is None else [("Retry-After", str(action[2]))]
-                self._send(handler, action[1], b'{"error": "scripted"}', headers)
-            elif action[0] == "sleep":
-                time.sleep(action[1])
-                self._send(handler, 200, self.completion(action[2]))
-            elif action[0] == "malformed":
-                self._send(handler, 200, action[1])
+                reply = (401, b'{"error": "bad key"}')
             else:
-                raise ValueError(action)
+                script = self.scripts.get(marker, [self.default])
+                action = script[min(attempt, len(script) - 1)]
+                if action[0] == "ok":
+                    reply = (200, self.completion(action[1]))
+                elif action[0] == "status":
+                    headers = [] if action[2] is None else [("Retry-After", str(action[2]))]
+                    reply = (action[1], b'{"error": "scripted"}', headers)
+                elif action[0] == "sleep":
+                    time.sleep(action[1])
+                    reply = (200, self.completion(action[2]))
+                elif action[0] == "malformed":
+                    reply = (200, action[1])
+                else:
+                    raise ValueError(action)
         finally:
+            # Out of flight before the reply is written: the client may send its next request
+            # as soon as it has this one's, before this thread would get back here.
             with self.lock:
                 self.in_flight -= 1
+        self._send(handler, *reply)
