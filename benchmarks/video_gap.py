@@ -9,7 +9,7 @@ video (rows rolled by 7), the norm of the pooled video tokens and their spread a
     python -m benchmarks.video_gap steps=100 every=50 data=/tmp/w/tiny/data [lr=3e-3]
         [vis_mult=1.0 (lr factor for vision + projector; 0 freezes both)]
         [patch=16] [wd=0.0] [split=310] [bs=32] [seed=0] [warm=0.05]
-        [vision=PKL (a pre-trained tower) proj_mult=X] [width=N layers=N (the LLM's size)]
+        [vision=DIR (a pre-trained tower: WORKDIR/data/vision_tower) proj_mult=X] [width=N layers=N (the LLM's size)]
 
 `data` is a workdir's data/ folder made by `python launch/main.py --config=configs/sft.py`.
 """
@@ -66,10 +66,9 @@ def main(argv):
     cfg = video_llm_config(mc, tok)
     model = VideoLLM(cfg)
     params = nn.unbox(model.init(jax.random.PRNGKey(args["seed"]), jnp.zeros((1, 8), jnp.int32)))["params"]
-    if args["vision"]:  # a pickled pretrained tower (rlaif_jax.train.vision_pretrain)
-        import pickle
-        with open(args["vision"], "rb") as f:
-            params["vision"] = pickle.load(f)
+    if args["vision"]:  # the SFT stage's cached pre-trained tower
+        from rlaif_jax.train.vision_pretrain import load_tower
+        params["vision"] = jax.tree.map(jnp.asarray, load_tower(args["vision"]))
 
     sched = optax.warmup_cosine_decay_schedule(0.0, 1.0, max(1, int(args["warm"] * args["steps"])),
                                                args["steps"])

@@ -234,6 +234,12 @@ def _held_out_accuracy(probe, params, world_dir: str, num_frames: int, size: int
             "eval_mean_accuracy": round(float(np.mean(list(per_target.values()))), 4)}
 
 
+def load_tower(cache_dir: str) -> dict:
+    """The tower's params as `pretrained_tower` cached them (WORKDIR/data/vision_tower)."""
+    reader = safetensors_io.SafetensorsReader(cache_dir)
+    return traverse_util.unflatten_dict({key: reader.get(key) for key in reader.keys()}, sep="/")
+
+
 def pretrained_tower(cache_dir: str, world_dir: str, config: ClipVisionConfig, num_frames: int,
                      steps: int, batch_size: int, lr: float, seed: int,
                      progress: bool = True) -> dict:
@@ -246,9 +252,7 @@ def pretrained_tower(cache_dir: str, world_dir: str, config: ClipVisionConfig, n
     if os.path.exists(metrics_path):
         with open(metrics_path) as f:
             if json.load(f).get("settings") == settings:
-                reader = safetensors_io.SafetensorsReader(cache_dir)
-                return traverse_util.unflatten_dict(
-                    {key: reader.get(key) for key in reader.keys()}, sep="/")
+                return load_tower(cache_dir)
     params, metrics = pretrain_vision(world_dir, config, num_frames, steps, batch_size, lr, seed,
                                       progress)
     tmp = cache_dir.rstrip("/") + ".tmp"
