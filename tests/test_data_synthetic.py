@@ -9,8 +9,9 @@ from transformers import AutoTokenizer
 
 from tests.data_fixtures import WORLD_ARGS, world_dir, world_tokenizer  # noqa: F401 (fixtures)
 from rlaif_jax.data import conversation, prompts
-from rlaif_jax.data.synthetic import (generate_world, load_truth, parse_question, preference,
-                                      question_text, score_answer, answerable_specs, true_answer)
+from rlaif_jax.data.synthetic import (answerable_specs, generate_rl_split, generate_world,
+                                      load_truth, parse_question, preference, question_text,
+                                      score_answer, true_answer)
 from rlaif_jax.data.synthetic import world
 
 
@@ -57,6 +58,8 @@ def test_world_files_and_formats(world_dir):
     assert {i["conversations"][1]["value"] for i in load("sft_judge")} <= {"1", "2"}
     for pair in load("preferences_oracle"):
         assert pair["preference"] in (1, 2) and pair["output_1"]["value"] != pair["output_2"]["value"]
+        better = pair["true_scores"][pair["preference"] - 1]
+        assert pair["true_preference"] == pair["preference"] and better > min(pair["true_scores"])
     assert all({"uid", "images", "conversations"} <= set(p) for p in load("ppo_prompts"))
     assert all(set(q) == {"video_name", "question_id", "question", "answer"} for q in load("eval_qa"))
     assert all(set(q) == {"video_name", "Q", "A"} for q in load("eval_generic") + load("eval_temporal"))
@@ -181,3 +184,24 @@ def test_judge_items_agree_with_the_scorer(world_dir):
         assert ("description of the video" in prompt) != item["id"].endswith("_nocontext")
     with_context = {i["id"] for i in items if not i["id"].endswith("_nocontext")}
     assert {i["id"] for i in items} - with_context == {f"{x}_nocontext" for x in with_context}
+
+
+def test_more_rl_videos_come_with_prompts_truth_and_oracle_pairs(tmp_path, world_tokenizer):
+    counts = generate_rl_split(str(tmp_path), 3, frames=8, size=32, seed=5, progress=False)
+    load = lambda key: json.load(open(os.path.join(tmp_path, f"{key}.json")))  # noqa: E731
+    truth, prompts_, pairs = load("truth"), load("ppo_prompts"), load("preferences_oracle")
+    assert counts == {"ppo_prompts": len(prompts_), "preferences_oracle": len(pairs)}
+    assert len(truth) == 3 and len(prompts_) == 6 and len(pairs) >= 3
+    for item in prompts_ + pairs:
+        assert os.path.isfile(os.path.join(tmp_path, item["images"]))
+        name = os.path.basename(item["images"])[:-len(".mp4")]
+        question = item["conversations"][0]["value"].split("\n", 1)[1]
+        assert parse_question(question) is not None
+        if item in prompts_:  # the reference answer is the true one
+            assert score_answer(truth[name], question, item["conversations"][1]["value"]).correct
+    for pair in pairs:
+        scores = pair["true_scores"]
+        assert pair["preference"] == pair["true_preference"] == 1 + int(scores[1] > scores[0])
+        for key in ("output_1", "output_2"):  # the world's tokenizer knows every word
+            assert world_tokenizer.unk_token_id not in world_tokenizer(
+                pair[key]["value"])["input_ids"]

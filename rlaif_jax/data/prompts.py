@@ -53,13 +53,24 @@ def join_clip_descriptions(clip_descriptions: list[str]) -> str:
     return " ".join(parts)
 
 
-def judge_prompt(question: str, answer_1: str, answer_2: str, context: str | None) -> str:
+# How the judge replies: 'label' (one of JUDGE_CHOICES, read from its next-token
+# probabilities) or 'restate' (the better answer itself, read where the two answers first differ).
+JUDGE_REPLIES = ("label", "restate")
+
+
+def judge_prompt(question: str, answer_1: str, answer_2: str, context: str | None,
+                 reply: str = "label") -> str:
     """The human turn of the context-aware AI judge (the reference never released its own).
 
     The video itself goes in front as the `<image>` placeholder (added by the conversation
-    builder); the judge must reply with one label of `JUDGE_CHOICES`. `context=None` leaves the
-    description out (the feedback stage's no-context ablation).
+    builder); the judge must reply with one label of `JUDGE_CHOICES` (`reply='label'`) or with
+    the better answer (`reply='restate'`). `context=None` leaves the description out (the
+    feedback stage's no-context ablation).
     """
+    if reply not in JUDGE_REPLIES:
+        raise ValueError(f"reply={reply!r}: expected one of {JUDGE_REPLIES}")
+    instruction = (f"Reply with {JUDGE_CHOICES[0]} or {JUDGE_CHOICES[1]} only." if reply == "label"
+                   else "Reply with the better answer.")
     principles = " ".join(f"({i + 1}) {p}." for i, p in enumerate(JUDGE_PRINCIPLES))
     described = ("" if context is None
                  else f"Here is a detailed description of the video: {context.strip()}\n")
@@ -68,8 +79,7 @@ def judge_prompt(question: str, answer_1: str, answer_2: str, context: str | Non
         f"Question: {question.strip()}\n"
         f"Answer 1: {answer_1.strip()}\n"
         f"Answer 2: {answer_2.strip()}\n"
-        f"Which answer is better? A better answer is {principles} "
-        f"Reply with {JUDGE_CHOICES[0]} or {JUDGE_CHOICES[1]} only."
+        f"Which answer is better? A better answer is {principles} " + instruction
     )
 
 

@@ -68,7 +68,8 @@ def _instruction_items(truth: dict, rng: np.random.Generator, max_short: int
 
 
 def _answer_pair(truth: dict, spec: dict, rng: np.random.Generator):
-    """A true and a wrong answer in random order, with the scorer's preference; None on a tie."""
+    """A true and a wrong answer in random order, with the scorer's preference and scores;
+    None on a tie."""
     answers = [text.true_answer(truth, spec), text.wrong_answer(truth, spec, rng)]
     if rng.random() < 0.5:
         answers.reverse()
@@ -76,7 +77,7 @@ def _answer_pair(truth: dict, spec: dict, rng: np.random.Generator):
     scores = [scorer.score_answer(truth, spec, a).score for a in answers]
     if scores[0] == scores[1]:
         return None
-    return question, answers[0], answers[1], scorer.preference(truth, spec, *answers)
+    return question, answers[0], answers[1], scorer.preference(truth, spec, *answers), scores
 
 
 def _pair_specs(truth: dict, rng: np.random.Generator) -> list[dict]:
@@ -93,7 +94,7 @@ def _judge_items(truth: dict, context: str, rng: np.random.Generator) -> list[di
         pair = _answer_pair(truth, spec, rng)
         if pair is None:
             continue
-        question, answer_1, answer_2, better = pair
+        question, answer_1, answer_2, better, _ = pair
         for suffix, given in (("", context), ("_nocontext", None)):
             prompt = prompts.judge_prompt(question, answer_1, answer_2, given)
             items.append({"id": f"{truth['name']}_judge{k}{suffix}",
@@ -103,17 +104,25 @@ def _judge_items(truth: dict, context: str, rng: np.random.Generator) -> list[di
     return items
 
 
+def _ppo_prompt_items(truth: dict, rng: np.random.Generator, first_uid: int) -> list[dict]:
+    return [{"uid": first_uid + k, "images": video_path(truth["name"]),
+             "conversations": _conversation(text.question_text(spec), text.true_answer(truth, spec))}
+            for k, spec in enumerate(_pair_specs(truth, rng))]
+
+
 def _preference_items(truth: dict, rng: np.random.Generator) -> list[dict]:
     items = []
     for k, spec in enumerate(_pair_specs(truth, rng)):
         pair = _answer_pair(truth, spec, rng)
         if pair is None:
             continue
-        question, answer_1, answer_2, better = pair
+        question, answer_1, answer_2, better, scores = pair
+        # The truth as the feedback stage records it, so `--config.labels=truth` reads it too.
         items.append({"id": f"{truth['name']}_pair{k}", "images": video_path(truth["name"]),
                       "conversations": _conversation(question, ""),
                       "output_1": {"value": answer_1}, "output_2": {"value": answer_2},
-                      "preference": better})
+                      "preference": better, "true_preference": better,
+                      "true_scores": [float(x) for x in scores]})
     return items
 
 
@@ -186,11 +195,8 @@ def generate_world(out_dir: str, num_train: int = 512, num_eval: int = 64, frame
         elif name in rl_names:
             short, long = _instruction_items(truth, rng, max_short=4)
             outputs["policy_init"].extend(short + long[:1])
-            for k, spec in enumerate(_pair_specs(truth, rng)):
-                outputs["ppo_prompts"].append({
-                    "uid": len(outputs["ppo_prompts"]), "images": video_path(name),
-                    "conversations": _conversation(text.question_text(spec),
-                                                   text.true_answer(truth, spec))})
+            outputs["ppo_prompts"].extend(
+                _ppo_prompt_items(truth, rng, len(outputs["ppo_prompts"])))
             outputs["preferences_oracle"].extend(_preference_items(truth, rng))
         else:
             short, long = _instruction_items(truth, rng, max_short=6)
@@ -217,6 +223,33 @@ def generate_world(out_dir: str, num_train: int = 512, num_eval: int = 64, frame
     return manifest
 
 
+def generate_rl_split(out_dir: str, num_videos: int, frames: int = 8, size: int = 64,
+                      seed: int = 1, progress: bool = True) -> dict:
+    """More of the world's RL split: newly drawn videos with their PPO prompts (one short
+    question and the description each), truth and oracle pairs, in the world's file names
+    (ppo_prompts.json, truth.json, preferences_oracle.json; `out_dir` is the video root).
+    The feedback and RM stages read it with `--config.world_dir`/`prompts`/`preferences` and
+    the world's tokenizer (the texts come from the same templates), to measure what more
+    prompts or pairs buy: the world itself has two of each per RL video. Pick a seed other
+    than the world's. Returns the item counts."""
+    os.makedirs(os.path.join(out_dir, "videos"), exist_ok=True)
+    rng = np.random.default_rng(seed)
+    outputs = {"ppo_prompts": [], "preferences_oracle": []}
+    truths = {}
+    for index in tqdm(range(num_videos), desc="RL split", unit="video", disable=not progress):
+        truth = world.sample_truth(rng, f"rl_{index:06d}", frames, size, FPS)
+        truths[truth["name"]] = truth
+        render.encode_mp4(render.render_frames(truth),
+                          os.path.join(out_dir, video_path(truth["name"])), FPS)
+        outputs["ppo_prompts"].extend(
+            _ppo_prompt_items(truth, rng, len(outputs["ppo_prompts"])))
+        outputs["preferences_oracle"].extend(_preference_items(truth, rng))
+    for key, items in outputs.items():
+        _write_json(os.path.join(out_dir, f"{key}.json"), items)
+    _write_json(os.path.join(out_dir, "truth.json"), truths)
+    return {key: len(items) for key, items in outputs.items()}
+
+
 def _corpus(outputs: dict, descriptions: dict):
     """Every text a stage will tokenise: items, descriptions, and all prompt templates."""
     yield prompts.VICUNA_V1_SYSTEM + " USER: ASSISTANT:"
@@ -224,7 +257,8 @@ def _corpus(outputs: dict, descriptions: dict):
     for _ in range(4):
         yield user
         yield assistant
-        yield prompts.judge_prompt("q", "1", "2", "c")
+        for reply in prompts.JUDGE_REPLIES:
+            yield prompts.judge_prompt("q", "1", "2", "c", reply)
     for described in descriptions.values():
         yield described["context"]
     for items in outputs.values():
