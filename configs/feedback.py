@@ -31,6 +31,9 @@ def _base() -> ml_collections.ConfigDict:
     c.context = "clips"  # 'clips' or 'none' (the ablation: judge without a description)
     c.measure_no_context = True  # with context, also judge without it (paired metric)
     c.margin = 0.1  # drop pairs with |P(answer 1) - P(answer 2)| below this
+    # 'label': the judge replies "1" or "2" (the paper's). 'restate': it replies with the better
+    # answer, read from its next-token probabilities where the two answers first differ.
+    c.judge_reply = "label"
     c.max_judge_length = 1024  # longer judge prompts are skipped and counted
     c.sampling = ml_collections.ConfigDict(dict(  # the two answers
         temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=64))

@@ -1,6 +1,7 @@
 """AI feedback mechanics on a tiny random video LLM over the synthetic world: both orders,
 the margin, the output format, resume after a crash, the metrics."""
 
+import dataclasses
 import json
 import os
 
@@ -63,8 +64,15 @@ def test_decide_averages_both_orders_and_drops_under_the_margin():
     assert p1 == pytest.approx(0.45) and confidence == pytest.approx(0.55)
 
 
+def _with_reply(engine, reply):
+    settings = dataclasses.replace(engine.settings, judge_reply=reply)
+    return feedback.AIFeedback(engine.model, engine.variables, engine.tokenizer, settings)
+
+
+@pytest.mark.parametrize("reply", prompts.JUDGE_REPLIES)
 def test_judge_asks_both_orders_and_swapping_the_answers_mirrors_it(
-        engine, prompt_data):  # noqa: F811
+        engine, prompt_data, reply):  # noqa: F811
+    engine = _with_reply(engine, reply)
     pipe = Pipeline(prompt_data, "train", engine.tokenizer, BATCH, 256, shuffle=False)
     batch = pipe.batch(0)
     tokens = engine.encode(batch["frames"])
@@ -77,18 +85,30 @@ def test_judge_asks_both_orders_and_swapping_the_answers_mirrors_it(
     swapped = engine.judge(engine.judge_rows(turns, [(b, a) for a, b in answers], contexts),
                            tokens, batch["has_video"])
     assert p.shape == (BATCH, 2) and np.all((p > 0) & (p < 1))
-    # Order (1, 2) of the swapped pair is order (2, 1) of the original: P("1") there is
-    # 1 - P("2") here.
+    # Order (1, 2) of the swapped pair is order (2, 1) of the original: P(first-listed) there
+    # is 1 - P(second-listed) here.
     np.testing.assert_allclose(swapped[:, 0], 1 - p[:, 1], atol=1e-5)
     np.testing.assert_allclose(swapped[:, 1], 1 - p[:, 0], atol=1e-5)
-    # Column 1 is read from the judge prompt in the other order: P("2") of that prompt.
+    # Column 1 is read from the judge prompt in the other order: P(second-listed choice), the
+    # label "2" or, restated, answer 1's first own token, after the answers' common start.
     text = prompts.judge_prompt(feedback.question_of(turns[0]),
-                                answers[0][1], answers[0][0], contexts[0])
-    ids = conversation.tokenize_prompt(conversation.video_question(text), engine.tokenizer)
-    logp = feedback._label_logprobs_jit(
-        engine.model, engine.variables, ids[None], np.ones((1, len(ids)), np.int32),
-        tokens[:1], np.ones(1, bool), choice_ids=engine.choice_ids)
-    np.testing.assert_allclose(np.exp(np.asarray(logp))[0, 1], p[0, 1], atol=1e-5)
+                                answers[0][1], answers[0][0], contexts[0], reply)
+    human = conversation.video_question(text)
+    prompt_ids = conversation.tokenize_prompt(human, engine.tokenizer)
+    if reply == "label":
+        ids, choices = prompt_ids, np.asarray(conversation.judge_choice_token_ids(engine.tokenizer))
+    else:
+        ids, choices = feedback.restated_choice(human, answers[0][1], answers[0][0],
+                                                engine.tokenizer)
+        answer_1 = conversation.tokenize_conversation(
+            [human, {"from": "gpt", "value": answers[0][0]}], engine.tokenizer).input_ids
+        assert list(ids[:len(prompt_ids)]) == list(prompt_ids)
+        assert choices[1] == answer_1[len(ids)] and choices[0] != choices[1]
+    logits = feedback._last_logits(engine.model, engine.variables, ids[None],
+                                   np.ones((1, len(ids)), np.int32), tokens[:1], np.ones(1, bool))
+    picked = np.asarray(logits, np.float64)[0, choices]
+    expected = np.exp(picked[1] - np.logaddexp(picked[0], picked[1]))
+    np.testing.assert_allclose(expected, p[0, 1], atol=1e-5)
     # A too-long judge prompt is not judged.
     rows = engine.judge_rows(turns, [("word " * 400, "x")] + answers[1:], contexts)
     assert rows[0] is None and rows[1] is not None
@@ -120,9 +140,11 @@ def test_feedback_resumes_after_a_crash_and_writes_the_reference_format(
             assert 0 <= r["p_output_1_no_context"] <= 1
     judged = [r for r in records if r["p_output_1"] is not None]
     assert judged
-    # This random judge answers "1" whatever the order (position bias): asking both orders
-    # cancels it, so at margin 0.3 no pair is kept...
-    assert all(r["p_orders"][0] > 0.6 and r["p_orders"][1] < 0.4 for r in judged)
+    # This random judge gives the same label whatever the order (position bias): asking both
+    # orders cancels it, so at margin 0.3 no pair is kept...
+    label_1 = [(r["p_orders"][0] > 0.6 and r["p_orders"][1] < 0.4) for r in judged]
+    label_2 = [(r["p_orders"][0] < 0.4 and r["p_orders"][1] > 0.6) for r in judged]
+    assert all(label_1) or all(label_2)
     assert not any(r["kept"] for r in feedback.apply_margin(records, 0.3))
     metrics = feedback.summarize(records, 0.3)
     assert metrics["feedback/prompts"] == len(items) and metrics["feedback/kept"] == 0
@@ -139,3 +161,19 @@ def test_feedback_resumes_after_a_crash_and_writes_the_reference_format(
     assert metrics["feedback/kept"] == len(kept)
     assert 0 <= metrics["feedback/agreement_with_truth"] <= 1
     assert 0 <= metrics["feedback/agreement_with_truth_no_context"] <= 1
+
+
+def test_a_restating_judge_reads_where_the_answers_first_differ(world_tokenizer):  # noqa: F811
+    human = conversation.video_question(
+        prompts.judge_prompt("How many shapes are there?", "There are two shapes.",
+                             "There are three shapes.", None, "restate"))
+    ids, choices = feedback.restated_choice(human, "There are two shapes.",
+                                            "There are three shapes.", world_tokenizer)
+    text = world_tokenizer.decode(ids.tolist())
+    assert text.endswith("Reply with the better answer. ASSISTANT: There are"), text[-80:]
+    assert [world_tokenizer.decode([c]).strip() for c in choices] == ["two", "three"]
+    # One answer the start of the other: the shorter one's choice is its end-of-turn token.
+    _, choices = feedback.restated_choice(human, "two", "two shapes", world_tokenizer)
+    assert choices[0] == world_tokenizer.eos_token_id
+    _, choices = feedback.restated_choice(human, "two", "two ", world_tokenizer)  # same tokens
+    assert choices[0] == choices[1]

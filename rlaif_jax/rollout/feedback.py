@@ -9,9 +9,11 @@ For each (video, question) of the prompt set:
    (`prompts.join_clip_descriptions`); one context per video, reused by its questions;
 3. the judge: the same policy reads the video, the question, both answers, the context and the
    principles (`prompts.judge_prompt`), and one forward pass gives its next-token log-probs of
-   the two labels `prompts.JUDGE_CHOICES`. Asked in both orders, P(answer 1 is better) is the mean
-   of P("1" | order 1, 2) and P("2" | order 2, 1), which cancels a position bias. Pairs whose
-   margin |2P - 1| is under `margin` are dropped, as are identical answers.
+   two choices: the labels `prompts.JUDGE_CHOICES` (`judge_reply='label'`, the paper's), or, when
+   the judge is asked to restate the better answer (`'restate'`), the two answers' tokens where
+   they first differ, after their common start. Asked in both orders, P(answer 1 is better) is
+   the mean of P(answer 1's choice) in order (1, 2) and in order (2, 1), which cancels a position
+   bias. Pairs whose margin |2P - 1| is under `margin` are dropped, as are identical answers.
 
 The video is encoded once per batch and its tokens reused by the sampler and both judge orders.
 Output: WORKDIR/feedback/preferences.json in the reference's preference format plus the judge's
@@ -57,12 +59,16 @@ class FeedbackSettings:
     context: str = "clips"  # 'clips' or 'none' (the ablation)
     measure_no_context: bool = True  # with context: also judge without it, for the metrics
     margin: float = 0.0  # drop pairs with |P(1) - P(2)| below this (applied when writing)
+    judge_reply: str = "label"  # prompts.JUDGE_REPLIES: a label, or the better answer restated
     max_judge_length: int = 2048  # longer judge prompts are skipped and counted
     prompt_bucket: int = 64
 
     def __post_init__(self):
         if self.context not in CONTEXT_MODES:
             raise ValueError(f"context={self.context!r}: expected one of {CONTEXT_MODES}")
+        if self.judge_reply not in prompts.JUDGE_REPLIES:
+            raise ValueError(f"judge_reply={self.judge_reply!r}: expected one of "
+                             f"{prompts.JUDGE_REPLIES}")
         if self.num_clips < 1:
             raise ValueError(f"num_clips={self.num_clips}: must be >= 1")
         if not 0.0 <= self.margin < 1.0:
@@ -124,15 +130,30 @@ def _last_logits(model, variables, input_ids, attention_mask, video_tokens, has_
     return model.apply(variables, out.last_hidden_state[:, -1:], method=Llama.logits)[:, 0]
 
 
-def _label_logprobs(model, variables, input_ids, attention_mask, video_tokens, has_video,
-                    choice_ids):
-    """log P(label) [B, 2], renormalised over the two labels."""
+def _choice_logprobs(model, variables, input_ids, attention_mask, video_tokens, has_video,
+                     choice_ids):
+    """log P(choice) [B, 2] of each row's two next-token choices `choice_ids` [B, 2],
+    renormalised over the two."""
     logits = _last_logits(model, variables, input_ids, attention_mask, video_tokens, has_video)
-    picked = logits.astype(jnp.float32)[:, jnp.asarray(choice_ids)]
+    picked = jnp.take_along_axis(logits.astype(jnp.float32), choice_ids, axis=1)
     return jax.nn.log_softmax(picked, axis=-1)
 
 
-_label_logprobs_jit = jax.jit(_label_logprobs, static_argnames=("model", "choice_ids"))
+_choice_logprobs_jit = jax.jit(_choice_logprobs, static_argnames=("model",))
+
+
+def restated_choice(human: dict, first: str, second: str, tokenizer
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(input ids, the two choice ids) of a judge asked to restate the better answer: the judge
+    prompt followed by the answers' common first tokens, and each answer's token where they
+    first differ (its end-of-turn token if it is the shorter). Answers with the same tokens give
+    the same choice twice, which reads as a tie."""
+    rows = conversation.tokenize_conversations(
+        [[human, {"from": "gpt", "value": answer}] for answer in (first, second)], tokenizer)
+    a, b = rows[0].input_ids, rows[1].input_ids
+    differ = np.flatnonzero(a[:min(len(a), len(b))] != b[:min(len(a), len(b))])
+    split = int(differ[0]) if len(differ) else min(len(a), len(b)) - 1
+    return a[:split], np.array([a[split], b[split]], np.int32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,7 +180,8 @@ class AIFeedback:
         self.answer_sampling = s.answer_sampling.replace(eos_token_id=eos, pad_token_id=self.pad)
         self.context_sampling = s.context_sampling.replace(eos_token_id=eos,
                                                            pad_token_id=self.pad)
-        self.choice_ids = conversation.judge_choice_token_ids(tokenizer)
+        self.choice_ids = (np.asarray(conversation.judge_choice_token_ids(tokenizer), np.int32)
+                           if settings.judge_reply == "label" else None)
         self.image_id = conversation.image_token_id(tokenizer)
         if self.vision and self.image_id != model.config.image_token_id:
             raise ValueError(f"the tokenizer's <image> id {self.image_id} is not the model's "
@@ -214,9 +236,11 @@ class AIFeedback:
                 for i in range(len(texts) // c)]
 
     def judge_rows(self, question_turns: Sequence[dict], answers: Sequence[tuple[str, str]],
-                   contexts: Optional[Sequence[str]]) -> list[Optional[tuple[np.ndarray, ...]]]:
-        """Token ids of the two judge prompts (order 1-2, order 2-1) of each pair; None where a
-        prompt is longer than max_judge_length."""
+                   contexts: Optional[Sequence[str]]) -> list[Optional[tuple]]:
+        """The two judge inputs (order 1-2, order 2-1) of each pair, each as (token ids, the
+        ids of the choices for the first- and second-listed answer); None where an input is
+        longer than max_judge_length."""
+        reply = self.settings.judge_reply
         rows = []
         for i, (turn, (a1, a2)) in enumerate(zip(question_turns, answers)):
             question = question_of(turn)
@@ -224,34 +248,39 @@ class AIFeedback:
             pair = []
             for first, second in ((a1, a2), (a2, a1)):
                 text = prompts.judge_prompt(question, first, second,
-                                            None if contexts is None else contexts[i])
+                                            None if contexts is None else contexts[i], reply)
                 human = (conversation.video_question(text) if with_video
                          else {"from": "human", "value": text})
-                pair.append(conversation.tokenize_prompt(human, self.tokenizer))
-            too_long = max(len(p) for p in pair) > self.settings.max_judge_length
+                if reply == "label":
+                    pair.append((conversation.tokenize_prompt(human, self.tokenizer),
+                                 self.choice_ids))
+                else:
+                    pair.append(restated_choice(human, first, second, self.tokenizer))
+            too_long = max(len(ids) for ids, _ in pair) > self.settings.max_judge_length
             rows.append(None if too_long else tuple(pair))
         return rows
 
     def judge(self, rows: Sequence[Optional[tuple[np.ndarray, ...]]], video_tokens, has_video
               ) -> np.ndarray:
         """P(answer 1 is better) in each order [B, 2] (NaN where a row is None): column 0 is
-        P("1") asked as (1, 2), column 1 is P("2") asked as (2, 1)."""
+        P(first-listed choice) asked as (1, 2), column 1 is P(second-listed choice) asked as
+        (2, 1)."""
         batch = len(rows)
         present = [r for r in rows if r is not None]
         if not present:
             return np.full((batch, 2), np.nan)
         filler = present[0]
         flat = [p for r in rows for p in (r if r is not None else filler)]  # row i*2 + order
-        length = bucket_length(max(len(p) for p in flat), self.settings.prompt_bucket)
-        ids, mask = _left_pad(flat, length, self.pad)
+        length = bucket_length(max(len(ids) for ids, _ in flat), self.settings.prompt_bucket)
+        ids, mask = _left_pad([ids for ids, _ in flat], length, self.pad)
+        choices = np.stack([c for _, c in flat])
         tokens = flags = None
         if self.vision:
             tokens = jnp.repeat(video_tokens, 2, axis=0)
             flags = self._put(np.repeat(np.asarray(has_video, bool), 2))
         with su.sharding_context(self.mesh, self.rules):
-            logp = _label_logprobs_jit(self.model, self.variables, self._put(ids),
-                                       self._put(mask), tokens, flags,
-                                       choice_ids=self.choice_ids)
+            logp = _choice_logprobs_jit(self.model, self.variables, self._put(ids),
+                                        self._put(mask), tokens, flags, self._put(choices))
         p = np.exp(np.asarray(jax.device_get(logp), np.float64)).reshape(batch, 2, 2)
         both = np.stack([p[:, 0, 0], p[:, 1, 1]], axis=1)  # P(answer 1 better) per order
         both[[r is None for r in rows]] = np.nan
@@ -532,7 +561,7 @@ def settings_from_config(config) -> FeedbackSettings:
         context_sampling=SamplingConfig(max_new_tokens=c.max_new_tokens,
                                         temperature=float(c.temperature), top_k=c.top_k,
                                         top_p=float(c.top_p), prompt_bucket=config.prompt_bucket),
-        num_clips=config.num_clips, context=config.context,
+        num_clips=config.num_clips, context=config.context, judge_reply=config.judge_reply,
         measure_no_context=config.measure_no_context, margin=float(config.margin),
         max_judge_length=config.max_judge_length, prompt_bucket=config.prompt_bucket)
 
