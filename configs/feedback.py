@@ -4,7 +4,8 @@
 
 Presets:
   tiny       the default: the SFT policy of WORKDIR/sft on the synthetic world's PPO prompts
-             (WORKDIR/data/world/ppo_prompts.json), truth from the world's scorer.
+             (WORKDIR/data/world/ppo_prompts.json), truth from the world's scorer; the judge
+             restates the better answer (judge_reply='restate').
   smoke      the same with short generations (tests).
   vicuna7b   SPEC.md: the 7B SFT policy as sampler, describer and judge, 50 frames, 3 clips.
 Output: WORKDIR/feedback/preferences.json (reference format + confidence), metrics.jsonl.
@@ -43,11 +44,16 @@ def _base() -> ml_collections.ConfigDict:
 
 
 def tiny() -> ml_collections.ConfigDict:
-    return _base()
+    c = _base()
+    # The from-scratch tiny model never learnt to answer "1" or "2" by comparing the answers
+    # (label agreement with the truth 0.41-0.48); read where its restatement of the better answer
+    # first differs between the two, it agrees 0.58-0.59 (docs/feedback_and_rm.md).
+    c.judge_reply = "restate"
+    return c
 
 
 def smoke() -> ml_collections.ConfigDict:
-    c = _base()
+    c = tiny()
     c.sampling.max_new_tokens = 24
     c.context_sampling.max_new_tokens = 24
     return c
