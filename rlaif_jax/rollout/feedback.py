@@ -260,7 +260,7 @@ class AIFeedback:
             rows.append(None if too_long else tuple(pair))
         return rows
 
-    def judge(self, rows: Sequence[Optional[tuple[np.ndarray, ...]]], video_tokens, has_video
+    def judge(self, rows: Sequence[Optional[tuple]], video_tokens, has_video
               ) -> np.ndarray:
         """P(answer 1 is better) in each order [B, 2] (NaN where a row is None): column 0 is
         P(first-listed choice) asked as (1, 2), column 1 is P(second-listed choice) asked as
