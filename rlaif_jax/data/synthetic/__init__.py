@@ -16,6 +16,6 @@ from rlaif_jax.data.synthetic.world import clip_frame_ranges, restrict_to_frames
 __all__ = [
     "Score", "answerable_specs", "clip_frame_ranges", "clip_path", "describe", "describe_clips",
     "encode_mp4", "generate_rl_split", "generate_world", "load_manifest", "load_truth",
-    "parse_question", "preference", "question_text", "render_frames", "restrict_to_frames", "score_answer", "true_answer",
-    "video_path", "wrong_answer",
+    "parse_question", "preference", "question_text", "render_frames", "restrict_to_frames",
+    "score_answer", "true_answer", "video_path", "wrong_answer",
 ]
