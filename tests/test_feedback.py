@@ -175,5 +175,5 @@ def test_a_restating_judge_reads_where_the_answers_first_differ(world_tokenizer)
     # One answer the start of the other: the shorter one's choice is its end-of-turn token.
     _, choices = feedback.restated_choice(human, "two", "two shapes", world_tokenizer)
     assert choices[0] == world_tokenizer.eos_token_id
-    _, choices = feedback.restated_choice(human, "two", "two ", world_tokenizer)  # same tokens
-    assert choices[0] == choices[1]
+    _, choices = feedback.restated_choice(human, "two", "two", world_tokenizer)  # same tokens
+    assert choices[0] == choices[1]  # a tie: log_softmax over the two gives 1/2 each
