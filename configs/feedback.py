@@ -47,7 +47,7 @@ def tiny() -> ml_collections.ConfigDict:
     c = _base()
     # The from-scratch tiny model never learnt to answer "1" or "2" by comparing the answers
     # (label agreement with the truth 0.41-0.48); read where its restatement of the better answer
-    # first differs between the two, it agrees 0.58-0.59 (docs/feedback_and_rm.md).
+    # first differs between the two, it agrees 0.56-0.59 (docs/feedback_and_rm.md).
     c.judge_reply = "restate"
     return c
 
