@@ -9,7 +9,8 @@ video (rows rolled by 7), the norm of the pooled video tokens and their spread a
     python -m benchmarks.video_gap steps=100 every=50 data=/tmp/w/tiny/data [lr=3e-3]
         [vis_mult=1.0 (lr factor for vision + projector; 0 freezes both)]
         [patch=16] [wd=0.0] [split=310] [bs=32] [seed=0] [warm=0.05]
-        [vision=DIR (a pre-trained tower: WORKDIR/data/vision_tower) proj_mult=X] [width=N layers=N (the LLM's size)]
+        [vision=DIR (a pre-trained tower: WORKDIR/data/vision_tower) proj_mult=X]
+        [width=N layers=N (the LLM's size)]
 
 `data` is a workdir's data/ folder made by `python launch/main.py --config=configs/sft.py`.
 """

@@ -151,8 +151,9 @@ def restated_choice(human: dict, first: str, second: str, tokenizer
     rows = conversation.tokenize_conversations(
         [[human, {"from": "gpt", "value": answer}] for answer in (first, second)], tokenizer)
     a, b = rows[0].input_ids, rows[1].input_ids
-    differ = np.flatnonzero(a[:min(len(a), len(b))] != b[:min(len(a), len(b))])
-    split = int(differ[0]) if len(differ) else min(len(a), len(b)) - 1
+    common = min(len(a), len(b))
+    differ = np.flatnonzero(a[:common] != b[:common])
+    split = int(differ[0]) if len(differ) else common - 1
     return a[:split], np.array([a[split], b[split]], np.int32)
 
 
