@@ -206,3 +206,20 @@ def test_from_pretrained_loads_each_later_stage_of_the_main_job(main_job):
     moved = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in zip(
         jax.tree.leaves(ppo["llm"]), jax.tree.leaves(jax.device_get(policy["llm"])))]
     assert max(moved) > 0  # PPO's adapter, not the policy init's
+
+
+def test_agreement_breakdown_rescores_the_rm_as_its_stage_did(main_job):
+    """`python -m rlaif_jax.eval.agreement --rm` re-scores the RM's held-out pairs from its
+    checkpoint: its totals are the stage's own final evaluation."""
+    import pytest
+
+    from rlaif_jax.eval import agreement
+
+    workdir, _, _ = main_job
+    rows = agreement.rm_rows(os.path.join(workdir, "rm"))
+    final = [m for m in _metrics(os.path.join(workdir, "rm", "metrics.jsonl"))
+             if "eval/rm_accuracy_truth" in m][-1]
+    assert rows and len(rows) == final["eval/heldout_pairs"]
+    for against in ("truth", "ai"):
+        accuracy = agreement.breakdown(rows, "type", against=against)["all"][1]
+        assert accuracy == pytest.approx(final[f"eval/rm_accuracy_{against}"], abs=1e-6)

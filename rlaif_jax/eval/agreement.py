@@ -83,11 +83,11 @@ def rm_rows(stage_dir: str, batch_size: int = 16) -> list[dict]:
     """The RM stage's held-out pairs scored by its newest checkpoint, with the judge's label
     ('ai') and the truth."""
     import jax
+    import transformers
 
     from rlaif_jax.checkpoints.stage_model import load_stage, stage_config, stage_tokenizer_dir
     from rlaif_jax.data.pipeline import Pipeline
     from rlaif_jax.train.reward import pair_rewards
-    import transformers
 
     data_dir = os.path.join(stage_dir, "data")
     with open(os.path.join(data_dir, "prepared.json")) as f:
