@@ -11,6 +11,7 @@ video (rows rolled by 7), the norm of the pooled video tokens and their spread a
         [patch=16] [wd=0.0] [split=310] [bs=32] [seed=0] [warm=0.05]
         [vision=DIR (a pre-trained tower: WORKDIR/data/vision_tower) proj_mult=X]
         [width=N layers=N (the LLM's size)]
+        [only=Which_way (train on one question type only: its first two words, _ for space)]
 
 `data` is a workdir's data/ folder made by `python launch/main.py --config=configs/sft.py`.
 """
@@ -30,7 +31,7 @@ from rlaif_jax.models.video_llm import VideoLLM
 def main(argv):
     args = dict(steps=150, lr=3e-3, vis_mult=1.0, every=25, patch=16, wd=0.0, seed=0,
                 bs=32, data="/tmp/w5/tiny/data", split=310, warm=0.05,
-                vision="", proj_mult=-1.0, width=0, layers=0)
+                vision="", proj_mult=-1.0, width=0, layers=0, only="")
     for a in argv:
         k, v = a.split("=")
         args[k] = type(args[k])(v)
@@ -53,7 +54,11 @@ def main(argv):
     held = video >= args["split"]
     train = {k: v[~held] for k, v in rows.items()}
     test = {k: v[held] for k, v in rows.items()}
-    qtype = np.array([" ".join(q.split()[1:3]) for q, h in zip(qtext, held) if h])
+    qtypes = np.array([" ".join(q.split()[1:3]) for q in qtext])
+    if args["only"]:  # held-out rows stay all types: the others show what is forgotten
+        chosen = ~held & (qtypes == args["only"].replace("_", " "))
+        train = {k: v[chosen] for k, v in rows.items()}
+    qtype = qtypes[held]
     print("train rows", len(train["index"]), "held-out rows", len(test["index"]), flush=True)
 
     mc = models.get_config("video_tiny")
