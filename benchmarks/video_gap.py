@@ -57,6 +57,9 @@ def main(argv):
     qtypes = np.array([" ".join(q.split()[1:3]) for q in qtext])
     if args["only"]:  # held-out rows stay all types: the others show what is forgotten
         chosen = ~held & (qtypes == args["only"].replace("_", " "))
+        if not chosen.any():
+            raise SystemExit(f"only={args['only']}: no training rows of that type; the types "
+                             f"are {sorted(set(qtypes))}")
         train = {k: v[chosen] for k, v in rows.items()}
     qtype = qtypes[held]
     print("train rows", len(train["index"]), "held-out rows", len(test["index"]), flush=True)
