@@ -20,23 +20,25 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from rlaif_jax.data.synthetic import parse_question
+
 GAP_BINS = ((0.0, 0.0, "tie"), (0.0, 0.1, "(0, 0.1)"), (0.1, 0.3, "[0.1, 0.3)"),
             (0.3, 1.0, "[0.3, 1]"))
 
 
 def question_type(item: dict) -> str:
-    from rlaif_jax.data.synthetic import text as synthetic_text
-
-    return synthetic_text.parse_question(item["conversations"][0]["value"])["type"]
+    return parse_question(item["conversations"][0]["value"])["type"]
 
 
 def gap_bin(scores: Sequence[float]) -> str:
     gap = abs(scores[0] - scores[1])
     if gap == 0:
         return GAP_BINS[0][2]
-    for low, high, name in GAP_BINS[1:]:
-        if low <= gap < high or (high == 1.0 and gap == 1.0):
+    for _, high, name in GAP_BINS[1:-1]:
+        if gap < high:
             return name
+    if gap <= GAP_BINS[-1][1]:
+        return GAP_BINS[-1][2]
     raise ValueError(f"true scores {scores} outside [0, 1]")
 
 
@@ -87,7 +89,7 @@ def rm_rows(stage_dir: str, batch_size: int = 16) -> list[dict]:
 
     from rlaif_jax.checkpoints.stage_model import load_stage, stage_config, stage_tokenizer_dir
     from rlaif_jax.data.pipeline import Pipeline
-    from rlaif_jax.train.reward import pair_rewards
+    from rlaif_jax.train.reward import heldout_verdicts, pair_rewards
 
     data_dir = os.path.join(stage_dir, "data")
     with open(os.path.join(data_dir, "prepared.json")) as f:
@@ -103,19 +105,13 @@ def rm_rows(stage_dir: str, batch_size: int = 16) -> list[dict]:
     score = jax.jit(lambda p, b: pair_rewards(model, {"params": p}, b))
     keys = ("input_ids", "attention_mask", "frames", "has_video")
     rows = []
-    for step in range(pipeline.steps_per_epoch):
-        batch = pipeline.batch(step)
-        rewards = np.asarray(score(params, {k: batch[k] for k in keys if k in batch}))
-        for index, (r1, r2) in zip(pipeline.global_indices(step), rewards):
-            if index < 0:
-                continue
-            item = items[pipeline.record(int(index))["id"]]
-            labels = table[item["id"]]
-            if labels["truth"] is None or not item.get("true_scores"):
-                continue
-            rows.append({"type": question_type(item), "gap": gap_bin(item["true_scores"]),
-                         "said": 0.5 if r1 == r2 else int(r2 > r1) + 1,
-                         "truth": labels["truth"], "ai": labels["ai"]})
+    for record, said, _ in heldout_verdicts(
+            lambda batch: score(params, {k: batch[k] for k in keys if k in batch}), pipeline):
+        item, labels = items[record["id"]], table[record["id"]]
+        if labels["truth"] is None or not item.get("true_scores"):
+            continue
+        rows.append({"type": question_type(item), "gap": gap_bin(item["true_scores"]),
+                     "said": said, "truth": labels["truth"], "ai": labels["ai"]})
     return rows
 
 

@@ -261,6 +261,18 @@ class _ProcessRows:
         return self.pipeline.batch(step)
 
 
+def heldout_verdicts(score_batch, pipeline):
+    """(record, said, |r2 - r1|) for each real pair of `pipeline`, in order: said is 1 or 2 (the
+    higher reward) or 0.5 for a tie. `score_batch(local batch)` returns the whole global batch's
+    rewards [B, 2]."""
+    for step in range(pipeline.steps_per_epoch):
+        rewards = np.asarray(score_batch(pipeline.batch(step)))
+        for index, (r1, r2) in zip(pipeline.global_indices(step), rewards):
+            if index >= 0:
+                said = 0.5 if r1 == r2 else float((r2 > r1) + 1)
+                yield pipeline.record(int(index)), said, abs(r2 - r1)
+
+
 def rm_eval(eval_fn, pipeline, table: dict, mesh) -> dict:
     """Pairwise accuracy on the held-out split against the AI labels and the truth (a tie of
     the two rewards counts one half)."""
@@ -268,24 +280,19 @@ def rm_eval(eval_fn, pipeline, table: dict, mesh) -> dict:
 
     from rlaif_jax.train.loop import global_batch
 
+    def score_batch(local):
+        return multihost_utils.process_allgather(eval_fn(global_batch(local, mesh)), tiled=True)
+
     hits = collections.defaultdict(list)
-    for step in range(pipeline.steps_per_epoch):
-        local = pipeline.batch(step)
-        rewards = eval_fn(global_batch(local, mesh))
-        rewards = np.asarray(multihost_utils.process_allgather(rewards, tiled=True))
-        indices = pipeline.global_indices(step)
-        for index, (r1, r2) in zip(indices, rewards):
-            if index < 0:
-                continue
-            labels = table[pipeline.record(int(index))["id"]]
-            said = 0.5 if r1 == r2 else float((r2 > r1) + 1)
-            for name in ("ai", "truth"):
-                if labels[name] is not None:
-                    hit = 0.5 if said == 0.5 else float(said == labels[name])
-                    hits[name].append(hit)
-                    if name == "truth" and labels["decisive"]:
-                        hits["truth_decisive"].append(hit)
-            hits["margin"].append(abs(r2 - r1))
+    for record, said, margin in heldout_verdicts(score_batch, pipeline):
+        labels = table[record["id"]]
+        for name in ("ai", "truth"):
+            if labels[name] is not None:
+                hit = 0.5 if said == 0.5 else float(said == labels[name])
+                hits[name].append(hit)
+                if name == "truth" and labels["decisive"]:
+                    hits["truth_decisive"].append(hit)
+        hits["margin"].append(margin)
     out = {f"eval/rm_accuracy_{k}": float(np.mean(v)) for k, v in hits.items() if k != "margin"}
     out["eval/heldout_pairs"] = float(len(hits["margin"]))
     out["eval/mean_abs_margin"] = float(np.mean(hits["margin"])) if hits["margin"] else 0.0
