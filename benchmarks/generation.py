@@ -22,7 +22,7 @@ import torch
 import transformers
 
 import rlaif_jax
-from rlaif_jax.rollout.generate import SamplingConfig, generate
+from rlaif_jax.sampling.generate import SamplingConfig, generate
 
 
 def left_padded_prompts(batch: int, length: int, vocab: int, seed: int = 0):

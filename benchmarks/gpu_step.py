@@ -34,7 +34,7 @@ from benchmarks.train_step import next_token_loss
 from configs import models as model_presets
 from rlaif_jax.models import flops as flops_lib
 from rlaif_jax.models.llama import Llama, LlamaConfig
-from rlaif_jax.rollout.generate import SamplingConfig, generate
+from rlaif_jax.sampling.generate import SamplingConfig, generate
 
 
 def parser() -> argparse.ArgumentParser:

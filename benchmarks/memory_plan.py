@@ -122,10 +122,10 @@ def build_ppo(args, devices):
     from rlaif_jax.models.video_llm import VideoLLM, VideoLLMConfig
     from rlaif_jax.parallel.mesh import make_mesh
     from rlaif_jax.parallel.sharding import make_rules
-    from rlaif_jax.train.ppo import PPOTrainer
-    from rlaif_jax.train.ppo_models import ActorCritic
-    from rlaif_jax.train.ppo_stage import ppo_optimizer, settings_from_config
-    from rlaif_jax.train.state import plan_state
+    from rlaif_jax.ppo.trainer import PPOTrainer
+    from rlaif_jax.ppo.actor_critic import ActorCritic
+    from rlaif_jax.ppo.stage import ppo_optimizer, settings_from_config
+    from rlaif_jax.engine.state import plan_state
 
     config = ppo_config(args)
     policy = VideoLLM(VideoLLMConfig.from_dict(config.model))
@@ -184,7 +184,7 @@ def compile_piece(piece: str, args, built):
 
     config, models, settings, layout, trainer, frozen = built
     mesh = layout.mesh
-    from rlaif_jax.train.state import mesh_context
+    from rlaif_jax.engine.state import mesh_context
 
     state = layout.abstract_state_sharded
     if piece == "ppo_train":
@@ -201,9 +201,9 @@ def compile_piece(piece: str, args, built):
             compiled = trainer._experience.lower(state.params, frozen, rows).compile()
         return compiled, {"rollout_micro_batch": settings.rollout_micro_batch}
     if piece == "rollout":
-        from rlaif_jax.rollout.generate import _generate_jit, decoder_for
+        from rlaif_jax.sampling.generate import _generate_jit, decoder_for
         from rlaif_jax.parallel.sharding import sharding_context
-        from rlaif_jax.train.optim import merge_trees
+        from rlaif_jax.engine.optim import merge_trees
 
         rows = ppo_rows(config, models, settings, mesh, settings.rollout_micro_batch)
         tree = merge_trees(state.params, frozen)

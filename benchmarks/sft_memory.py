@@ -46,9 +46,10 @@ def sft_step_memory(preset: str, data: int = 1, fsdp: int = -1, tensor: int = 1,
     from configs import sft as sft_configs
     from rlaif_jax.parallel.mesh import make_mesh
     from rlaif_jax.parallel.sharding import BATCH_AXES, make_rules
-    from rlaif_jax.train import model_init, optim, sft
-    from rlaif_jax.train.state import plan_state
-    from rlaif_jax.train.step import make_train_step
+    from rlaif_jax.engine import model_init, optim
+    from rlaif_jax.sft import loss as sft
+    from rlaif_jax.engine.state import plan_state
+    from rlaif_jax.engine.step import make_train_step
 
     config = sft_configs.get_config(preset)
     video = config.model_kind == "video_llm" and not text_only

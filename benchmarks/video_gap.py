@@ -24,8 +24,8 @@ from transformers import AutoTokenizer
 
 from configs import models
 from rlaif_jax.data.pipeline import Pipeline
-from rlaif_jax.train.model_init import video_llm_config
-from rlaif_jax.train.sft import token_cross_entropy
+from rlaif_jax.engine.model_init import video_llm_config
+from rlaif_jax.sft.loss import token_cross_entropy
 from rlaif_jax.models.video_llm import VideoLLM
 
 def main(argv):
@@ -76,7 +76,7 @@ def main(argv):
     model = VideoLLM(cfg)
     params = nn.unbox(model.init(jax.random.PRNGKey(args["seed"]), jnp.zeros((1, 8), jnp.int32)))["params"]
     if args["vision"]:  # the SFT stage's cached pre-trained tower
-        from rlaif_jax.train.vision_pretrain import load_tower
+        from rlaif_jax.sft.vision_pretrain import load_tower
         params["vision"] = jax.tree.map(jnp.asarray, load_tower(args["vision"]))
 
     sched = optax.warmup_cosine_decay_schedule(0.0, 1.0, max(1, int(args["warm"] * args["steps"])),

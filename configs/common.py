@@ -31,7 +31,7 @@ def common(stage: str) -> ml_collections.ConfigDict:
 
 
 def adamw(lr: float, schedule: str, grad_clip: float, **warmup) -> ml_collections.ConfigDict:
-    """`config.optim` of a stage (train/optim.py; PPO's ppo_optimizer): AdamW, no weight decay.
+    """`config.optim` of a stage (engine/optim.py; PPO's ppo_optimizer): AdamW, no weight decay.
 
     `warmup`: warmup_steps (-1: from warmup_ratio) and warmup_ratio for the step-based stages,
     warmup_iterations for PPO. `schedule`: 'cosine' (to lr * end_factor) or 'constant'.

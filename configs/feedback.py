@@ -1,4 +1,4 @@
-"""Stage 2: context-aware AI feedback (rlaif_jax/rollout/feedback.py).
+"""Stage 2: context-aware AI feedback (rlaif_jax/feedback/stage.py).
 
     python launch/main.py --config=configs/feedback.py[:PRESET] [--config.context=none]
 

@@ -1,4 +1,4 @@
-"""Stage 3: the reward model (rlaif_jax/train/reward.py).
+"""Stage 3: the reward model (rlaif_jax/rm/stage.py).
 
     python launch/main.py --config=configs/rm.py[:PRESET] [--config.labels=truth]
 

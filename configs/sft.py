@@ -50,7 +50,7 @@ def _base() -> ml_collections.ConfigDict:
         reverse_length=4, reverse_symbols=8))
     # From-scratch video models only (no `init`, source 'synthetic'): pre-train the tiny vision
     # tower on newly drawn world videos first, our stand-in for CLIP's pre-training
-    # (rlaif_jax/train/vision_pretrain.py); cached under WORKDIR/data/vision_tower. 0: off.
+    # (rlaif_jax/sft/vision_pretrain.py); cached under WORKDIR/data/vision_tower. 0: off.
     c.vision_pretrain = ml_collections.ConfigDict(dict(steps=0, batch_size=32, lr=3e-3))
     c.eval = ml_collections.ConfigDict(dict(
         batch_size=64,

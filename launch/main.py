@@ -64,7 +64,7 @@ def run(config) -> int:
     from rlaif_jax.parallel.mesh import ConfigError, initialize_distributed, make_mesh
 
     if config.stage == "generate":  # inference: questions in, answers out (configs/generate.py)
-        from rlaif_jax.rollout.infer import check_config, run_generate
+        from rlaif_jax.inference.stage import check_config, run_generate
         try:
             check_config(config)
         except (ValueError, OSError) as e:
@@ -83,22 +83,22 @@ def run(config) -> int:
     mesh = make_mesh(config.mesh)
     stage_dir = os.path.join(os.path.abspath(config.workdir), config.stage)
     if config.stage == "feedback":  # not a training loop: sample, describe, judge
-        from rlaif_jax.rollout.feedback import run_feedback
+        from rlaif_jax.feedback.stage import run_feedback
         run_feedback(config)
         return 0
     if config.stage in ("sft", "policy_init"):
-        from rlaif_jax.train.sft_stage import build_sft_stage
+        from rlaif_jax.sft.stage import build_sft_stage
         stage = build_sft_stage(config, mesh)
     elif config.stage == "rm":
-        from rlaif_jax.train.reward import build_rm_stage
+        from rlaif_jax.rm.stage import build_rm_stage
         stage, stage_dir, _ = build_rm_stage(config, mesh)  # WORKDIR/rm or rm_oracle
     elif config.stage == "ppo":
-        from rlaif_jax.train.ppo_stage import run_ppo_main
+        from rlaif_jax.ppo.stage import run_ppo_main
         return run_ppo_main(config, mesh, run)
     else:
         raise ConfigError(f"stage={config.stage!r} is not built in this checkout")
 
-    from rlaif_jax.train.loop import LoopOptions, run_stage
+    from rlaif_jax.engine.loop import LoopOptions, run_stage
     if jax.process_index() == 0:
         os.makedirs(stage_dir, exist_ok=True)
         with open(os.path.join(stage_dir, "config.json"), "w") as f:
@@ -121,7 +121,7 @@ def main(argv):
     del argv
     from rlaif_jax.checkpoints.safetensors_io import CheckpointError
     from rlaif_jax.parallel.mesh import ConfigError
-    from rlaif_jax.train.loop import Preempted, TrainingDiverged
+    from rlaif_jax.engine.loop import Preempted, TrainingDiverged
 
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO

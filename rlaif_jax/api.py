@@ -45,7 +45,7 @@ def from_pretrained(path: str, mesh=None, rules=None, tokenizer=None,
 
     kind, resolved = resolve_checkpoint(path)
     if kind == "step":
-        from rlaif_jax.checkpoints.stage_model import load_stage
+        from rlaif_jax.engine.pretrained import load_stage
         return load_stage(resolved, mesh, rules, tokenizer, **config_overrides)
     with open(os.path.join(resolved, "config.json")) as f:
         model_type = json.load(f).get("model_type")
@@ -77,7 +77,7 @@ def tokenizer_path(path: str) -> str:
     kind, resolved = resolve_checkpoint(path)
     if kind == "hf":
         return resolved
-    from rlaif_jax.checkpoints.stage_model import stage_tokenizer_dir
+    from rlaif_jax.engine.pretrained import stage_tokenizer_dir
     return stage_tokenizer_dir(resolved)
 
 

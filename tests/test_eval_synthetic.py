@@ -98,7 +98,7 @@ def test_tiny_model_end_to_end_on_the_world(world, tmp_path, monkeypatch):
     predictions = json.loads((out / "synthetic_qa" / "predictions.json").read_text())
     assert all(isinstance(p["pred"], str) for p in predictions)
     # Rerun: the model is not loaded again and the same results come back.
-    from rlaif_jax.rollout import infer
+    from rlaif_jax.inference import stage as infer
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded although every answer was saved")

@@ -13,8 +13,8 @@ from rlaif_jax.data import conversation, prompts
 from rlaif_jax.data.builders import items_json
 from rlaif_jax.data.pipeline import Pipeline
 from rlaif_jax.data.synthetic import load_truth
-from rlaif_jax.rollout import feedback
-from rlaif_jax.rollout.generate import SamplingConfig
+from rlaif_jax.feedback import stage as feedback
+from rlaif_jax.sampling.generate import SamplingConfig
 from tests.data_fixtures import prompt_data, world_dir, world_tokenizer  # noqa: F401
 from tests.rm_helpers import host_variables
 

@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec
 
 from rlaif_jax.parallel import sharding as su
 from rlaif_jax.parallel.mesh import make_mesh
-from rlaif_jax.rollout.generate import (SamplingConfig, TextDecoder, _generate_jit, generate,
+from rlaif_jax.sampling.generate import (SamplingConfig, TextDecoder, _generate_jit, generate,
                                         left_pad_to, select_tokens, sequence_logprobs,
                                         top_k_filter, top_p_filter)
 from tests.hf_reference import left_padded_batch, save_tiny_hf_llama

@@ -11,7 +11,7 @@ video_llm = pytest.importorskip(
 
 from rlaif_jax.models.clip_vision import ClipVisionConfig  # noqa: E402
 from rlaif_jax.models.llama import LlamaConfig  # noqa: E402
-from rlaif_jax.rollout.generate import (SamplingConfig, VideoDecoder, decoder_for,  # noqa: E402
+from rlaif_jax.sampling.generate import (SamplingConfig, VideoDecoder, decoder_for,  # noqa: E402
                                         generate, left_pad_to, sequence_logprobs)
 from tests.hf_reference import assert_close_scaled  # noqa: E402
 

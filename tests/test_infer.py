@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from configs import generate as generate_config
-from rlaif_jax.rollout.infer import VICUNA_V1_SYSTEM, run_generate
+from rlaif_jax.inference.stage import VICUNA_V1_SYSTEM, run_generate
 from tests.hf_reference import save_tiny_hf_llama
 from tests.word_tokenizer import save_word_tokenizer
 

@@ -12,8 +12,8 @@ import pytest
 
 from rlaif_jax.parallel.mesh import make_mesh
 from rlaif_jax.parallel.sharding import DEFAULT_RULES
-from rlaif_jax.train import state as state_lib
-from rlaif_jax.train.loop import LoopOptions, Preempted, Stage, TrainingDiverged, run_stage
+from rlaif_jax.engine import state as state_lib
+from rlaif_jax.engine.loop import LoopOptions, Preempted, Stage, TrainingDiverged, run_stage
 
 
 class Rows:

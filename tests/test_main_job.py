@@ -107,13 +107,13 @@ def test_ppo_tree_is_made_of_the_checkpoints_and_scores_as_the_rm(main_job):
     import transformers
 
     from rlaif_jax.checkpoints.orbax_io import read_step_dir
-    from rlaif_jax.checkpoints.stage_model import build_stage_model
+    from rlaif_jax.engine.pretrained import build_stage_model
     from rlaif_jax.data import conversation
     from rlaif_jax.parallel.mesh import make_mesh
     from rlaif_jax.parallel.sharding import make_rules
-    from rlaif_jax.train.ppo_init import load_actor_critic
-    from rlaif_jax.train.ppo_world import rm_suffix_ids
-    from rlaif_jax.train.reward import reward_model_rows, reward_scores
+    from rlaif_jax.ppo.init import load_actor_critic
+    from rlaif_jax.ppo.prompts import rm_suffix_ids
+    from rlaif_jax.rm.stage import reward_model_rows, reward_scores
 
     workdir, _, _ = main_job
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])

@@ -17,12 +17,12 @@ import numpy as np
 from configs import sft as sft_configs
 from rlaif_jax.checkpoints.orbax_io import read_step_dir, resolve_checkpoint
 from rlaif_jax.parallel.mesh import make_mesh
-from rlaif_jax.train.loop import LoopOptions, run_stage
-from rlaif_jax.train.model_init import build_model, starting_variables
-from rlaif_jax.train.optim import merge_trees
-from rlaif_jax.train.sft_stage import build_sft_stage
-from rlaif_jax.train.state import plan_state
-from rlaif_jax.train import optim
+from rlaif_jax.engine.loop import LoopOptions, run_stage
+from rlaif_jax.engine.model_init import build_model, starting_variables
+from rlaif_jax.engine.optim import merge_trees
+from rlaif_jax.sft.stage import build_sft_stage
+from rlaif_jax.engine.state import plan_state
+from rlaif_jax.engine import optim
 from tests.stage_fixtures import override
 
 

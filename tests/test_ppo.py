@@ -7,10 +7,10 @@ import pytest
 
 from rlaif_jax.parallel.mesh import make_mesh
 from rlaif_jax.parallel.sharding import make_rules
-from rlaif_jax.train import optim
-from rlaif_jax.train.ppo import PPOSettings, PPOTrainer
-from rlaif_jax.train.ppo_models import ActorCritic
-from rlaif_jax.train.state import init_state, plan_state
+from rlaif_jax.engine import optim
+from rlaif_jax.ppo.trainer import PPOSettings, PPOTrainer
+from rlaif_jax.ppo.actor_critic import ActorCritic
+from rlaif_jax.engine.state import init_state, plan_state
 from tests.train_helpers import tiny_llama
 
 VOCAB, PROMPT, NEW, TARGET = 128, 6, 8, 5
@@ -130,8 +130,8 @@ def test_loop_sigterm_resumes_where_it_stopped(tmp_path):
     import os
     import signal
 
-    from rlaif_jax.train.loop import Preempted
-    from rlaif_jax.train.ppo_loop import PPOLoopOptions, run_ppo
+    from rlaif_jax.engine.loop import Preempted
+    from rlaif_jax.ppo.loop import PPOLoopOptions, run_ppo
 
     settings = PPOSettings(rollout_batch_size=8, rollout_micro_batch=8, minibatch_size=8,
                            epochs=1, max_new_tokens=NEW)

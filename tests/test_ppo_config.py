@@ -4,7 +4,7 @@ import pytest
 
 from configs import ppo as ppo_configs
 from rlaif_jax.parallel.mesh import ConfigError
-from rlaif_jax.train.ppo_stage import ppo_optimizer, settings_from_config
+from rlaif_jax.ppo.stage import ppo_optimizer, settings_from_config
 
 
 @pytest.mark.parametrize("preset", sorted(ppo_configs.PRESETS))
@@ -46,7 +46,7 @@ def test_bad_batch_sizes_fail_at_start():
 
 def test_rollout_rules_override_the_training_rules():
     from rlaif_jax.parallel.sharding import DEFAULT_RULES
-    from rlaif_jax.train.ppo_stage import rollout_rules
+    from rlaif_jax.ppo.stage import rollout_rules
 
     config = ppo_configs.get_config("tiny")
     assert rollout_rules(config) is None  # sampling in the training layout

@@ -1,4 +1,4 @@
-"""PPO's starting tree from real stage directories (rlaif_jax/train/ppo_init.py).
+"""PPO's starting tree from real stage directories (rlaif_jax/ppo/init.py).
 
 Two reward-model stages are trained for two steps by the RM stage itself (reward.py, run_stage)
 on the small synthetic world's preference pairs: the tiny preset's kind (fully fine-tuned LLM +
@@ -22,18 +22,18 @@ from configs import models as model_presets
 from configs import rm as rm_configs
 from configs import sft as sft_configs
 from rlaif_jax.checkpoints.orbax_io import Checkpoints, read_step_dir
-from rlaif_jax.train.model_init import model_from_config
+from rlaif_jax.engine.model_init import model_from_config
 from rlaif_jax.data import conversation
 from rlaif_jax.data.pipeline import Pipeline
 from rlaif_jax.models.lora import merge_lora
 from rlaif_jax.parallel.mesh import make_mesh
 from rlaif_jax.parallel.sharding import make_rules
-from rlaif_jax.train import optim
-from rlaif_jax.train.loop import LoopOptions, run_stage
-from rlaif_jax.train.ppo_init import load_actor_critic
-from rlaif_jax.train.ppo_world import rm_suffix_ids
-from rlaif_jax.train.reward import build_rm_stage, pair_rewards
-from rlaif_jax.train.sft_stage import build_sft_stage
+from rlaif_jax.engine import optim
+from rlaif_jax.engine.loop import LoopOptions, run_stage
+from rlaif_jax.ppo.init import load_actor_critic
+from rlaif_jax.ppo.prompts import rm_suffix_ids
+from rlaif_jax.rm.stage import build_rm_stage, pair_rewards
+from rlaif_jax.sft.stage import build_sft_stage
 from tests.data_fixtures import world_dir  # noqa: F401
 from tests.stage_fixtures import override
 
@@ -222,7 +222,7 @@ def test_the_rm_shares_the_policy_base_only_when_trained_on_exactly_it(monkeypat
     """One frozen base for all four models (the tiny chain with an adapter RM): only when both
     stages started from the same checkpoint, the policy init merged its adapter, and the RM
     trained nothing but its adapter and head."""
-    from rlaif_jax.train import ppo_init
+    from rlaif_jax.ppo import init as ppo_init
     from tests.rm_helpers import init_fn, tiny_reward_model
 
     # The policy init names the SFT stage directory, the RM its step directory (as the stages
@@ -257,8 +257,8 @@ def test_a_policy_init_that_continued_its_adapter_is_rebuilt_without_merging_it(
     """A stage with `init_adapter='continue'` trained its init's adapter further: PPO rebuilds
     its base WITHOUT that adapter folded in (else it would count twice)."""
     from rlaif_jax.checkpoints.orbax_io import resolve_checkpoint
-    from rlaif_jax.train.model_init import build_model as stage_build_model
-    from rlaif_jax.train.ppo_init import load_keeping_adapter
+    from rlaif_jax.engine.model_init import build_model as stage_build_model
+    from rlaif_jax.ppo.init import load_keeping_adapter
 
     config = override(sft_configs.get_config("reverse"), workdir=str(tmp_path), num_steps=2,
                   init=policy_stage, init_adapter="continue", trainable="lora/.*",

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlaif_jax.train import ppo_math
+from rlaif_jax.ppo import rl_math as ppo_math
 
 EOS, PAD, QMARK = 2, 0, 7
 B, T = 6, 11

@@ -9,9 +9,9 @@ import pytest
 from rlaif_jax.data import prompts
 from rlaif_jax.parallel.mesh import make_mesh
 from rlaif_jax.parallel.sharding import DEFAULT_RULES
-from rlaif_jax.train import reward
-from rlaif_jax.train import state as state_lib
-from rlaif_jax.train.step import make_train_step
+from rlaif_jax.rm import stage as reward
+from rlaif_jax.engine import state as state_lib
+from rlaif_jax.engine.step import make_train_step
 from tests.data_fixtures import preference_data, world_dir, world_tokenizer  # noqa: F401
 from tests.rm_helpers import (IMAGE_ID, host_variables, init_fn, random_preference_batch,
                               tiny_reward_model)

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from rlaif_jax.train.metrics import read_metrics
+from rlaif_jax.engine.metrics import read_metrics
 
 
 def _records(workdir, key):

@@ -20,10 +20,10 @@ from configs import sft as sft_configs
 from rlaif_jax.models.video_llm import VideoLLM, VideoLLMConfig
 from rlaif_jax.parallel.mesh import make_mesh
 from rlaif_jax.parallel.sharding import make_rules, replicated_share
-from rlaif_jax.train import model_init
-from rlaif_jax.train.optim import merge_trees
-from rlaif_jax.train.ppo_models import ActorCritic
-from rlaif_jax.train.state import plan_state
+from rlaif_jax.engine import model_init
+from rlaif_jax.engine.optim import merge_trees
+from rlaif_jax.ppo.actor_critic import ActorCritic
+from rlaif_jax.engine.state import plan_state
 
 MESHES = {"fsdp8": dict(data=1, fsdp=8, tensor=1), "fsdp4_tensor2": dict(data=1, fsdp=4, tensor=2)}
 

@@ -8,9 +8,10 @@ from jax.sharding import PartitionSpec as P
 
 from rlaif_jax.parallel.mesh import ConfigError, make_mesh, mesh_shape
 from rlaif_jax.parallel.sharding import DEFAULT_RULES, check_replicated_share, replicated_share
-from rlaif_jax.train import optim, sft
-from rlaif_jax.train import state as state_lib
-from rlaif_jax.train.step import make_eval_fn, make_train_step
+from rlaif_jax.engine import optim
+from rlaif_jax.sft import loss as sft
+from rlaif_jax.engine import state as state_lib
+from rlaif_jax.engine.step import make_eval_fn, make_train_step
 from tests.train_helpers import init_variables_fn, random_sft_batch, tiny_llama
 
 LR = 1e-3

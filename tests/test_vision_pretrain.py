@@ -1,4 +1,4 @@
-"""Vision pre-training of the tiny tower (rlaif_jax/train/vision_pretrain.py)."""
+"""Vision pre-training of the tiny tower (rlaif_jax/sft/vision_pretrain.py)."""
 
 import json
 import os
@@ -10,8 +10,8 @@ import pytest
 from configs import models
 from rlaif_jax.data.synthetic import render, world
 from rlaif_jax.models.clip_vision import ClipVisionConfig
-from rlaif_jax.train import vision_pretrain
-from rlaif_jax.train.vision_pretrain import (FRAME_TARGETS, TARGETS, frame_targets,
+from rlaif_jax.sft import vision_pretrain
+from rlaif_jax.sft.vision_pretrain import (FRAME_TARGETS, TARGETS, frame_targets,
                                              pretrained_tower, visual_targets)
 from tests.data_fixtures import world_dir  # noqa: F401  (fixture)
 

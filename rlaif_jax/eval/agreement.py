@@ -87,9 +87,9 @@ def rm_rows(stage_dir: str, batch_size: int = 16) -> list[dict]:
     import jax
     import transformers
 
-    from rlaif_jax.checkpoints.stage_model import load_stage, stage_config, stage_tokenizer_dir
+    from rlaif_jax.engine.pretrained import load_stage, stage_config, stage_tokenizer_dir
     from rlaif_jax.data.pipeline import Pipeline
-    from rlaif_jax.train.reward import heldout_verdicts, pair_rewards
+    from rlaif_jax.rm.stage import heldout_verdicts, pair_rewards
 
     data_dir = os.path.join(stage_dir, "data")
     with open(os.path.join(data_dir, "prepared.json")) as f:

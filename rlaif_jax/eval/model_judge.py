@@ -27,7 +27,7 @@ import numpy as np
 from rlaif_jax.data import prompts
 from rlaif_jax.data.prompts import QA_AXIS, SCORE_MAX, judge_messages, reply_prefix
 from rlaif_jax.eval.judging import Judgement, JudgeTask
-from rlaif_jax.rollout.generate import bucket_length, decoder_for
+from rlaif_jax.sampling.generate import bucket_length, decoder_for
 
 VERDICTS = ("yes", "no")
 SCORES = tuple(str(k) for k in range(SCORE_MAX + 1))

@@ -184,7 +184,7 @@ def _answer_all(c, plan, answerer) -> Any:
         return answerer
     logging.info("eval: %d questions to answer", len(requests))
     if answerer is None:
-        from rlaif_jax.rollout.infer import QuestionAnswerer
+        from rlaif_jax.inference.stage import QuestionAnswerer
         answerer = QuestionAnswerer(c)
     if not c.blind and not getattr(answerer, "has_vision", True):
         raise ValueError(f"config.init={c.init} is a text-only model: set config.blind=True to "

@@ -25,7 +25,7 @@ import numpy as np
 
 from rlaif_jax.data.synthetic import score_answer, world
 from rlaif_jax.data.synthetic import text as synthetic_text
-from rlaif_jax.rollout.generate import SamplingConfig, generate
+from rlaif_jax.sampling.generate import SamplingConfig, generate
 
 
 @dataclasses.dataclass

@@ -23,10 +23,10 @@ from tqdm import tqdm
 
 from rlaif_jax.checkpoints.orbax_io import Checkpoints
 from rlaif_jax.parallel.sharding import BATCH_AXES
-from rlaif_jax.train.metrics import MetricsWriter
-from rlaif_jax.train.preemption import PreemptionWatch
-from rlaif_jax.train.state import StateLayout, TrainState
-from rlaif_jax.train.step import ShardedFunction
+from rlaif_jax.engine.metrics import MetricsWriter
+from rlaif_jax.engine.preemption import PreemptionWatch
+from rlaif_jax.engine.state import StateLayout, TrainState
+from rlaif_jax.engine.step import ShardedFunction
 
 
 class TrainingDiverged(RuntimeError):

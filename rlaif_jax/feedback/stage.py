@@ -42,7 +42,7 @@ from tqdm import tqdm
 from rlaif_jax.data import conversation, prompts
 from rlaif_jax.data.video import sample_indices
 from rlaif_jax.parallel import sharding as su
-from rlaif_jax.rollout.generate import SamplingConfig, bucket_length, decoder_for, generate
+from rlaif_jax.sampling.generate import SamplingConfig, bucket_length, decoder_for, generate
 
 CONTEXT_MODES = ("clips", "none")
 
@@ -591,7 +591,7 @@ def run_feedback(config) -> dict:
     from rlaif_jax.data.builders.items_json import load_items
     from rlaif_jax.data.pipeline import Pipeline
     from rlaif_jax.parallel.mesh import ConfigError, make_mesh
-    from rlaif_jax.train.metrics import MetricsWriter
+    from rlaif_jax.engine.metrics import MetricsWriter
 
     settings = settings_from_config(config)
     paths = resolve_paths(config)

@@ -24,11 +24,11 @@ import numpy as np
 from tqdm import tqdm
 
 from rlaif_jax.checkpoints.orbax_io import Checkpoints
-from rlaif_jax.train.loop import Preempted, TrainingDiverged
-from rlaif_jax.train.metrics import MetricsWriter
-from rlaif_jax.train.ppo import PPOTrainer
-from rlaif_jax.train.preemption import PreemptionWatch
-from rlaif_jax.train.state import TrainState
+from rlaif_jax.engine.loop import Preempted, TrainingDiverged
+from rlaif_jax.engine.metrics import MetricsWriter
+from rlaif_jax.ppo.trainer import PPOTrainer
+from rlaif_jax.engine.preemption import PreemptionWatch
+from rlaif_jax.engine.state import TrainState
 
 
 @dataclasses.dataclass

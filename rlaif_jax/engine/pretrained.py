@@ -1,6 +1,6 @@
 """A stage's model from its orbax checkpoint: the architecture from the config the stage ran
 with (saved in the checkpoint's meta), the variables from the checkpoint laid over the base it
-was trained from (train/model_init.py `starting_variables`).
+was trained from (engine/model_init.py `starting_variables`).
 
 The public door is `rlaif_jax.from_pretrained`, which sends stage directories (WORKDIR/sft,
 policy_init, rm, ppo, ...), their checkpoints/ directories and step directories here; later
@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 
 from rlaif_jax.checkpoints.orbax_io import META_ITEM, resolve_checkpoint
 from rlaif_jax.checkpoints.safetensors_io import CheckpointError
-from rlaif_jax.train.model_init import PPO_STAGE, build_model
+from rlaif_jax.engine.model_init import PPO_STAGE, build_model
 
 
 def read_meta(step_dir: str) -> dict:
@@ -86,8 +86,8 @@ def load_stage(init: str, mesh=None, rules=None, tokenizer=None,
 
     from rlaif_jax.parallel.mesh import make_mesh
     from rlaif_jax.parallel.sharding import DEFAULT_RULES
-    from rlaif_jax.train.model_init import all_shardings, starting_variables
-    from rlaif_jax.train.state import plan_state
+    from rlaif_jax.engine.model_init import all_shardings, starting_variables
+    from rlaif_jax.engine.state import plan_state
 
     step_dir, config = stage_config(init)
     if tokenizer is None and config.get("model_kind") == "video_llm":

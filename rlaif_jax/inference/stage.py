@@ -23,7 +23,7 @@ import rlaif_jax
 from rlaif_jax.data import conversation, prompts
 from rlaif_jax.parallel import sharding as su
 from rlaif_jax.parallel.mesh import make_mesh
-from rlaif_jax.rollout.generate import SamplingConfig, decoder_for, generate
+from rlaif_jax.sampling.generate import SamplingConfig, decoder_for, generate
 
 # ---------------------------------------------------------------------------------------------
 # Chat templates: the text lives in rlaif_jax/data/prompts.py, the rendering in conversation.py.
@@ -283,7 +283,7 @@ def main(argv):
 
 if __name__ == "__main__":
     # Also run by launch/main.py (config.stage == "generate"); standalone:
-    #   python -m rlaif_jax.rollout.infer --config=configs/generate.py --config.init=PATH ...
+    #   python -m rlaif_jax.inference.stage --config=configs/generate.py --config.init=PATH ...
     from absl import app, flags
     from ml_collections import config_flags
 

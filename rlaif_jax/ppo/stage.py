@@ -19,8 +19,8 @@ import jax
 import ml_collections
 
 from rlaif_jax.parallel.mesh import ConfigError
-from rlaif_jax.train import optim
-from rlaif_jax.train.ppo import PPOSettings
+from rlaif_jax.engine import optim
+from rlaif_jax.ppo.trainer import PPOSettings
 
 # (stage, config module, preset for each ppo preset): what PPO needs, in the order it is made.
 CHAIN = (
@@ -120,11 +120,11 @@ class PPORun:
         import transformers
 
         from rlaif_jax.parallel.sharding import make_rules
-        from rlaif_jax.train.ppo import PPOTrainer
-        from rlaif_jax.train.ppo_init import load_actor_critic
-        from rlaif_jax.train.ppo_world import (PromptSource, TruthScorer, prompt_pipeline,
+        from rlaif_jax.ppo.trainer import PPOTrainer
+        from rlaif_jax.ppo.init import load_actor_critic
+        from rlaif_jax.ppo.prompts import (PromptSource, TruthScorer, prompt_pipeline,
                                                rm_suffix_ids)
-        from rlaif_jax.train.state import plan_state
+        from rlaif_jax.engine.state import plan_state
 
         if config.reward not in REWARDS:
             raise ConfigError(f"reward={config.reward!r}: expected one of {sorted(REWARDS)} "
@@ -163,7 +163,7 @@ class PPORun:
         self.prompts = PromptSource(pipeline)
         score_fn = rm_suffix = None
         if config.reward == "truth":
-            from rlaif_jax.train.ppo_world import load_truths
+            from rlaif_jax.ppo.prompts import load_truths
             score_fn = TruthScorer(self.prompts, os.path.join(self.world, config.data.prompts_file),
                                    load_truths(self.world), tokenizer)
         else:
@@ -175,8 +175,8 @@ class PPORun:
     # The policy init's own SFT-stage config: where its world's held-out QA lives.
     def held_out(self):
         if self._held_out is None:
-            from rlaif_jax.train.ppo_world import HeldOut
-            from rlaif_jax.train.sft_stage import SyntheticSources
+            from rlaif_jax.ppo.prompts import HeldOut
+            from rlaif_jax.sft.stage import SyntheticSources
 
             sft_config = ml_collections.ConfigDict(self.loaded.policy_config)
             with sft_config.unlocked():
@@ -193,7 +193,7 @@ class PPORun:
         return self._held_out
 
     def fresh_state(self):
-        from rlaif_jax.train.state import state_from_variables
+        from rlaif_jax.engine.state import state_from_variables
         return state_from_variables(self.layout, self.loaded.variables(),
                                     jax.random.PRNGKey(self.config.seed))
 
@@ -213,7 +213,7 @@ class PPORun:
         return latest is not None and latest >= int(self.config.num_iterations)
 
     def run(self) -> dict:
-        from rlaif_jax.train.ppo_loop import PPOLoopOptions, run_ppo
+        from rlaif_jax.ppo.loop import PPOLoopOptions, run_ppo
 
         c = self.config
         primary = jax.process_index() == 0
@@ -287,6 +287,6 @@ def run_ppo_main(config, mesh, run_stage_config) -> int:
         print("[main] control: PPO on the true reward (the world's scorer) -> "
               f"{os.path.join(os.path.abspath(config.workdir), REWARDS['truth'])}", flush=True)
         run_ppo_stage(oracle, mesh, run.loaded)
-    from rlaif_jax.train.ppo_table import held_out_table
+    from rlaif_jax.main_job import held_out_table
     held_out_table(config, mesh, run)
     return 0

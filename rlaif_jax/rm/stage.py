@@ -9,7 +9,7 @@ trained.
 
 Loss (the reference's): BCE-with-logits on r(output_2) - r(output_1) with target 1 when output_2
 is preferred (= Bradley-Terry), plus 1e-3 * |mean(r1 + r2)|, which keeps the rewards centred.
-The BCE is summed over pairs and weighted by their count (train/step.py); the centring term is
+The BCE is summed over pairs and weighted by their count (engine/step.py); the centring term is
 a batch mean, so the step adds it as `pairs * |mean|` of its batch: exact without accumulation,
 a weighted mean of the micro-batches' terms with it.
 """
@@ -65,7 +65,7 @@ def reward_scores(model: Any, variables: Any, batch: Mapping[str, jax.Array]) ->
 def preference_loss_sums(rewards: jax.Array, preference: jax.Array,
                          weights: jax.Array | None = None,
                          center_coef: float = CENTER_COEF) -> tuple[jax.Array, dict]:
-    """(loss summed over pairs, sums) for train/step.py. rewards [B, 2] (output_1, output_2),
+    """(loss summed over pairs, sums) for engine/step.py. rewards [B, 2] (output_1, output_2),
     preference [B] in {1, 2}; pairs with weight 0 (filler rows, a label outside {1, 2}) count
     nowhere. Sums: loss, bt_loss, center, accuracy (a tie counts one half), weight (pairs)."""
     rewards = rewards.astype(jnp.float32)
@@ -87,7 +87,7 @@ def preference_loss_sums(rewards: jax.Array, preference: jax.Array,
 
 
 def make_rm_loss(model: Any, center_coef: float = CENTER_COEF):
-    """loss_fn(variables, batch, rng) -> (loss_sum, sums) for train/step.py."""
+    """loss_fn(variables, batch, rng) -> (loss_sum, sums) for engine/step.py."""
 
     def loss_fn(variables, batch, rng):
         del rng  # no dropout in these models
@@ -278,7 +278,7 @@ def rm_eval(eval_fn, pipeline, table: dict, mesh) -> dict:
     the two rewards counts one half)."""
     from jax.experimental import multihost_utils
 
-    from rlaif_jax.train.loop import global_batch
+    from rlaif_jax.engine.loop import global_batch
 
     def score_batch(local):
         return multihost_utils.process_allgather(eval_fn(global_batch(local, mesh)), tiled=True)
@@ -300,18 +300,18 @@ def rm_eval(eval_fn, pipeline, table: dict, mesh) -> dict:
 
 
 def build_rm_stage(config, mesh):
-    """The reward-model stage for train/loop.py's run_stage."""
+    """The reward-model stage for engine/loop.py's run_stage."""
     import transformers
     from jax.experimental import multihost_utils
 
-    from rlaif_jax.checkpoints.stage_model import build_stage_model, stage_config
+    from rlaif_jax.engine.pretrained import build_stage_model, stage_config
     from rlaif_jax.data.pipeline import Pipeline
     from rlaif_jax.parallel.sharding import make_rules
-    from rlaif_jax.train import optim
-    from rlaif_jax.train.loop import Stage
-    from rlaif_jax.train.model_init import model_from_config, starting_variables
-    from rlaif_jax.train.state import init_state, plan_state, state_from_variables
-    from rlaif_jax.train.step import make_eval_fn, make_train_step
+    from rlaif_jax.engine import optim
+    from rlaif_jax.engine.loop import Stage
+    from rlaif_jax.engine.model_init import model_from_config, starting_variables
+    from rlaif_jax.engine.state import init_state, plan_state, state_from_variables
+    from rlaif_jax.engine.step import make_eval_fn, make_train_step
 
     rows_split = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.batch_size % (rows_split * config.accum_steps) or config.eval.batch_size % rows_split:
@@ -378,7 +378,7 @@ def build_rm_stage(config, mesh):
               f"labels={config.labels}, {num_steps} steps; skipped: "
               f"{ {k: v for k, v in counts.items() if 'skipped' in k} }", flush=True)
     if jax.process_index() == 0:
-        from rlaif_jax.train.metrics import MetricsWriter
+        from rlaif_jax.engine.metrics import MetricsWriter
         writer = MetricsWriter(stage_dir, name, tensorboard=False)
         writer.write(0, counts)
         writer.close()

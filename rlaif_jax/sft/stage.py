@@ -22,12 +22,12 @@ import numpy as np
 
 from rlaif_jax.parallel.mesh import ConfigError
 from rlaif_jax.parallel.sharding import make_rules
-from rlaif_jax.train import optim
-from rlaif_jax.train.loop import Stage, global_batch
-from rlaif_jax.train.model_init import build_model, lora_of, resolve_init, starting_variables
-from rlaif_jax.train.sft import make_sft_eval, make_sft_loss
-from rlaif_jax.train.state import init_state, plan_state, state_from_variables
-from rlaif_jax.train.step import make_eval_fn, make_train_step
+from rlaif_jax.engine import optim
+from rlaif_jax.engine.loop import Stage, global_batch
+from rlaif_jax.engine.model_init import build_model, lora_of, resolve_init, starting_variables
+from rlaif_jax.sft.loss import make_sft_eval, make_sft_loss
+from rlaif_jax.engine.state import init_state, plan_state, state_from_variables
+from rlaif_jax.engine.step import make_eval_fn, make_train_step
 
 TRAIN_KEYS = ("input_ids", "attention_mask", "labels", "frames", "has_video")
 
@@ -203,10 +203,10 @@ def check_batch_config(config, mesh):
 
 
 def pretrained_vision_tower(config, model, sources: SyntheticSources) -> dict:
-    """The tiny tower pre-trained on the synthetic world (train/vision_pretrain.py), cached
+    """The tiny tower pre-trained on the synthetic world (sft/vision_pretrain.py), cached
     beside the world's builds. It must stay fixed in SFT (`model.freeze_vision`): trained through
     the LLM's loss it collapses to a video-independent constant (docs/training.md)."""
-    from rlaif_jax.train.vision_pretrain import pretrained_tower
+    from rlaif_jax.sft.vision_pretrain import pretrained_tower
     if not model.config.freeze_vision:
         raise ConfigError("vision_pretrain.steps > 0 needs model.freeze_vision=True: the LLM's "
                           "loss would undo the pre-training (docs/training.md)")

@@ -1,6 +1,6 @@
 """Stage 1 (and 4): supervised fine-tuning, cross entropy on the assistant's tokens.
 
-The loss is summed over labelled tokens and weighted by their count (see train/step.py), so
+The loss is summed over labelled tokens and weighted by their count (see engine/step.py), so
 gradient accumulation and any sharding of the batch give the same update as one big batch.
 Labels follow transformers' shift: the logit at t - 1 predicts labels[t]; -100 means no loss.
 """
@@ -49,7 +49,7 @@ def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> dict:
 
 
 def make_sft_loss(model: Any):
-    """loss_fn(variables, batch, rng) -> (loss_sum, sums) for train/step.py."""
+    """loss_fn(variables, batch, rng) -> (loss_sum, sums) for engine/step.py."""
 
     def loss_fn(variables, batch, rng):
         del rng  # no dropout in these models

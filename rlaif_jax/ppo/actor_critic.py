@@ -14,7 +14,7 @@ preset's. With `full_finetune` the policy base itself is trained: then, and only
 reference holds a frozen copy of the base ('reference/params').
 
 Every forward is a pure function of that tree; the trainable/frozen split is a regex over its
-paths (train/optim.py), so the engine's state planning, sharding and checkpoints apply as is.
+paths (engine/optim.py), so the engine's state planning, sharding and checkpoints apply as is.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ An iteration over a rollout batch of prompts:
 5. epochs of minibatch updates through the engine's train step: policy and value losses summed,
    one global grad-norm clip over both, one AdamW step (train micro-batches accumulate exactly).
 
-The iteration owns no I/O; `train/ppo_loop.py` runs iterations with checkpoints, metrics, rollout
+The iteration owns no I/O; `ppo/loop.py` runs iterations with checkpoints, metrics, rollout
 samples, held-out evaluation and the best checkpoint.
 """
 
@@ -30,12 +30,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from rlaif_jax.parallel import sharding as sharding_lib
 from rlaif_jax.parallel.mesh import ConfigError
 from rlaif_jax.parallel.sharding import BATCH_AXES
-from rlaif_jax.rollout.generate import Generation, SamplingConfig, generate
-from rlaif_jax.train import ppo_math
-from rlaif_jax.train.optim import merge_trees
-from rlaif_jax.train.ppo_models import ActorCritic
-from rlaif_jax.train.state import StateLayout, TrainState, mesh_context
-from rlaif_jax.train.step import make_train_step
+from rlaif_jax.sampling.generate import Generation, SamplingConfig, generate
+from rlaif_jax.ppo import rl_math as ppo_math
+from rlaif_jax.engine.optim import merge_trees
+from rlaif_jax.ppo.actor_critic import ActorCritic
+from rlaif_jax.engine.state import StateLayout, TrainState, mesh_context
+from rlaif_jax.engine.step import make_train_step
 
 # A host scorer: the rollout (numpy arrays: 'prompt_ids', 'prompt_mask', 'response', 'mask',
 # 'index', ...) -> scores [B]. The reward model instead runs on device (`score_with_rm`).

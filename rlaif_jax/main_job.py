@@ -60,8 +60,8 @@ def format_table(rows: list[dict], chance: float | None) -> str:
 
 def held_out_table(config, mesh, run=None) -> list[dict]:
     """The table's rows (computed, or read back); `run` an RLAIF PPORun to reuse its models."""
-    from rlaif_jax.train.ppo_stage import REWARDS, PPORun
-    from rlaif_jax.train.ppo_world import results_row
+    from rlaif_jax.ppo.stage import REWARDS, PPORun
+    from rlaif_jax.ppo.prompts import results_row
 
     workdir = os.path.abspath(config.workdir)
     eval_dir = os.path.join(workdir, "eval")

@@ -17,8 +17,8 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rlaif_jax.parallel.sharding import BATCH_AXES
-from rlaif_jax.train.optim import merge_trees
-from rlaif_jax.train.state import StateLayout, TrainState, mesh_context
+from rlaif_jax.engine.optim import merge_trees
+from rlaif_jax.engine.state import StateLayout, TrainState, mesh_context
 
 LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
 

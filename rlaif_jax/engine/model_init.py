@@ -29,14 +29,14 @@ from rlaif_jax.models.config_base import plain_dict
 from rlaif_jax.models.llama import Llama, LlamaConfig
 from rlaif_jax.models.lora import LoraConfig, merge_lora
 from rlaif_jax.parallel.mesh import ConfigError
-from rlaif_jax.train import optim
-from rlaif_jax.train.state import StateLayout, mesh_context, place
+from rlaif_jax.engine import optim
+from rlaif_jax.engine.state import StateLayout, mesh_context, place
 
 # Model fields that describe how to run, not what the weights are: a config may set them on top
 # of a checkpoint's own config.
 RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "lora")
 STAGE_PREFIX = "stage:"
-PPO_STAGE = "ppo"  # the `stage` a PPO checkpoint's meta names (train/ppo_loop.py)
+PPO_STAGE = "ppo"  # the `stage` a PPO checkpoint's meta names (ppo/loop.py)
 INIT_ADAPTER = ("merge", "continue")
 
 

@@ -20,7 +20,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from rlaif_jax.parallel import sharding as sharding_lib
-from rlaif_jax.train.optim import merge_trees, split_trainable
+from rlaif_jax.engine.optim import merge_trees, split_trainable
 
 
 @flax.struct.dataclass

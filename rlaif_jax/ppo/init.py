@@ -29,13 +29,13 @@ import optax
 
 from rlaif_jax.checkpoints.orbax_io import resolve_checkpoint
 from rlaif_jax.checkpoints.safetensors_io import CheckpointError
-from rlaif_jax.checkpoints.stage_model import build_stage_model, read_meta, stage_config
+from rlaif_jax.engine.pretrained import build_stage_model, read_meta, stage_config
 from rlaif_jax.models.lora import lora_config_of, merge_lora
 from rlaif_jax.parallel.mesh import ConfigError
-from rlaif_jax.train import optim
-from rlaif_jax.train.model_init import overlay, read_checkpoint, starting_variables
-from rlaif_jax.train.ppo_models import ActorCritic
-from rlaif_jax.train.state import plan_state
+from rlaif_jax.engine import optim
+from rlaif_jax.engine.model_init import overlay, read_checkpoint, starting_variables
+from rlaif_jax.ppo.actor_critic import ActorCritic
+from rlaif_jax.engine.state import plan_state
 
 STAGE_PREFIX = "stage:"
 

@@ -9,7 +9,7 @@ on real tokens (up to and including the EOS) and 0 on pads. Two pad conventions:
   column enters the rewards, the sequence reward lands on the last padded column, GAE runs over
   all columns, whitening and both loss means include the pads.
 
-Sums, not means, leave the loss functions: the train step (train/step.py) adds the sums of its
+Sums, not means, leave the loss functions: the train step (engine/step.py) adds the sums of its
 micro-batches and divides once by the summed `weight` (tokens counted by the loss mask), so any
 accumulation or sharding of a minibatch gives the same update as the minibatch in one piece.
 Reductions over a sharded batch inside jit are global reductions, so `whiten` run under jit on
