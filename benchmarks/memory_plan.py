@@ -184,7 +184,7 @@ def compile_piece(piece: str, args, built):
 
     config, models, settings, layout, trainer, frozen = built
     mesh = layout.mesh
-    from rlaif_jax.engine.state import mesh_context
+    from rlaif_jax.parallel.sharding import mesh_context
 
     state = layout.abstract_state_sharded
     if piece == "ppo_train":
@@ -202,14 +202,14 @@ def compile_piece(piece: str, args, built):
         return compiled, {"rollout_micro_batch": settings.rollout_micro_batch}
     if piece == "rollout":
         from rlaif_jax.sampling.generate import _generate_jit, decoder_for
-        from rlaif_jax.parallel.sharding import sharding_context
+        from rlaif_jax.parallel.sharding import mesh_context
         from rlaif_jax.engine.optim import merge_trees
 
         rows = ppo_rows(config, models, settings, mesh, settings.rollout_micro_batch)
         tree = merge_trees(state.params, frozen)
         variables = models.policy_variables(tree)
         rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
-        with sharding_context(mesh, trainer.rollout_rules):
+        with mesh_context(mesh, trainer.rollout_rules):
             compiled = _generate_jit.lower(
                 decoder_for(models.policy), variables, rows["prompt_ids"], rows["prompt_mask"],
                 rows["video_tokens"], rows["has_video"], rng, sampling=trainer.sampling,

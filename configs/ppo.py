@@ -11,10 +11,15 @@ Presets (`--config=configs/ppo.py:NAME`):
             warmup iterations, weight decay 0, one global clip of 1.0; KL coefficient 0.1 (k1).
 """
 
+import os
+
 import ml_collections
 
 from configs import common as common_lib
+from configs import feedback as feedback_configs
 from configs import models
+from configs import rm as rm_configs
+from configs import sft as sft_configs
 
 
 def _base() -> ml_collections.ConfigDict:
@@ -119,3 +124,40 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     if arg not in PRESETS:
         raise ValueError(f"unknown ppo preset {arg!r}; choose from {sorted(PRESETS)}")
     return common_lib.lock(PRESETS[arg]())
+
+
+# The main job's earlier stages (rlaif_jax/main_job.py runs each one whose output is missing):
+# stage -> (config module, preset) for each chain preset.
+CHAIN = {
+    "tiny": {"sft": (sft_configs, "tiny"), "policy_init": (sft_configs, "policy_init_tiny"),
+             "feedback": (feedback_configs, "tiny"), "rm": (rm_configs, "tiny")},
+    "smoke": {"sft": (sft_configs, "smoke"), "policy_init": (sft_configs, "policy_init_smoke"),
+              "feedback": (feedback_configs, "smoke"), "rm": (rm_configs, "smoke")},
+}
+# Overrides of those presets within the chain. The tiny and smoke SFT models judge near 50/50
+# on many pairs, so feedback's confidence margin of 0.1 would leave the RM few pairs: the chain
+# keeps every judged pair.
+CHAIN_OVERRIDES = {("feedback", "smoke"): {"margin": 0.0}, ("feedback", "tiny"): {"margin": 0.0}}
+
+
+def chain_preset(config: ml_collections.ConfigDict) -> str:
+    """Which preset of the earlier stages matches a PPO config (tiny or smoke)."""
+    return config.chain_preset or ("smoke" if int(config.num_iterations) <= 4 else "tiny")
+
+
+def chain_config(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
+    """The config of earlier stage `stage` for the main job of PPO config `config`: its preset,
+    with the job's workdir, seed and logging."""
+    preset = chain_preset(config)
+    if preset not in CHAIN:
+        raise ValueError(f"chain_preset={preset!r}: expected one of {sorted(CHAIN)}")
+    module, name = CHAIN[preset][stage]
+    stage_config = module.get_config(name)
+    with stage_config.unlocked():
+        stage_config.workdir = os.path.abspath(config.workdir)
+        stage_config.seed = config.seed
+        stage_config.log.progress = config.log.progress
+        stage_config.log.tensorboard = config.log.tensorboard
+        for key, value in CHAIN_OVERRIDES.get((stage, preset), {}).items():
+            stage_config[key] = value
+    return stage_config

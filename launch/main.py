@@ -2,21 +2,29 @@
 
 Every process of a multi-host job runs the same command. The stage writes under
 WORKDIR/<stage>/: checkpoints/<step>/, metrics.jsonl, tensorboard/, config.json.
+`--config=configs/ppo.py` is the main job: the earlier stages first (their configs come from
+the PPO config file's `chain_config`), PPO, the control and the held-out table.
 A bad config or a missing checkpoint stops at start with one line on stderr and exit status 2;
 a preempted run (SIGTERM) saves and exits 143; a diverged run (NaN/Inf) exits 1.
 """
 
 from __future__ import annotations
 
-import json
+import functools
+import importlib.util
 import os
 import re
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before the data layer imports tensorflow
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from rlaif_jax import main_job, stages  # noqa: E402
+from rlaif_jax.checkpoints.safetensors_io import CheckpointError  # noqa: E402
+from rlaif_jax.engine.loop import Preempted, TrainingDiverged  # noqa: E402
+from rlaif_jax.parallel.mesh import ConfigError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<stage>.py[:preset]",
                                           lock_config=True)
@@ -58,71 +66,30 @@ def parse_flags(argv: list[str]) -> list[str]:
     return argv
 
 
+def chain_configs(config_file: str, config):
+    """stage -> its config for the main job, from the PPO config file's `chain_config`; None
+    when the file defines no chain (then every earlier stage must already be done)."""
+    path = config_file.split(":")[0]
+    spec = importlib.util.spec_from_file_location("_main_job_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "chain_config"):
+        return None
+    return functools.partial(module.chain_config, config)
+
+
 def run(config) -> int:
-    import jax
-
-    from rlaif_jax.parallel.mesh import ConfigError, initialize_distributed, make_mesh
-
-    if config.stage == "generate":  # inference: questions in, answers out (configs/generate.py)
-        from rlaif_jax.inference.stage import check_config, run_generate
-        try:
-            check_config(config)
-        except (ValueError, OSError) as e:
-            raise ConfigError(str(e)) from None
-        summary = run_generate(config)
-        print(f"[generate] {json.dumps(summary)}", flush=True)
-        return 0
-    if config.stage == "eval":  # benchmark runners + judges, a table (configs/eval.py)
-        from rlaif_jax.eval.run import run_eval
-        run_eval(config)
-        return 0
-    # The main job calls run() again for each earlier stage, in the same process: start the
-    # multi-process runtime once.
-    if not jax.distributed.is_initialized():
-        initialize_distributed(config.distributed)
-    mesh = make_mesh(config.mesh)
-    stage_dir = os.path.join(os.path.abspath(config.workdir), config.stage)
-    if config.stage == "feedback":  # not a training loop: sample, describe, judge
-        from rlaif_jax.feedback.stage import run_feedback
-        run_feedback(config)
-        return 0
-    if config.stage in ("sft", "policy_init"):
-        from rlaif_jax.sft.stage import build_sft_stage
-        stage = build_sft_stage(config, mesh)
-    elif config.stage == "rm":
-        from rlaif_jax.rm.stage import build_rm_stage
-        stage, stage_dir, _ = build_rm_stage(config, mesh)  # WORKDIR/rm or rm_oracle
-    elif config.stage == "ppo":
-        from rlaif_jax.ppo.stage import run_ppo_main
-        return run_ppo_main(config, mesh, run)
+    if config.stage == "ppo":  # configs/ppo.py: the main job
+        mesh = stages.runtime_mesh(config)
+        main_job.run(config, mesh, chain_configs(config_flags.get_config_filename(
+            flags.FLAGS["config"]), config))
     else:
-        raise ConfigError(f"stage={config.stage!r} is not built in this checkout")
-
-    from rlaif_jax.engine.loop import LoopOptions, run_stage
-    if jax.process_index() == 0:
-        os.makedirs(stage_dir, exist_ok=True)
-        with open(os.path.join(stage_dir, "config.json"), "w") as f:
-            json.dump(json.loads(config.to_json_best_effort()), f, indent=2)
-        print(f"[{config.stage}] mesh {dict(mesh.shape)} on {jax.device_count()} devices, "
-              f"{jax.process_count()} process(es); workdir {stage_dir}", flush=True)
-    options = LoopOptions(
-        checkpoint_every=config.checkpoint.every, keep_checkpoints=config.checkpoint.keep,
-        async_checkpoints=config.checkpoint.async_save, log_every=config.log.every,
-        eval_every=config.log.eval_every, tensorboard=config.log.tensorboard,
-        progress=config.log.progress)
-    results = run_stage(stage, stage_dir, options)
-    if jax.process_index() == 0:
-        print(f"[{config.stage}] done: " + json.dumps(
-            {k: round(v, 5) for k, v in sorted(results.items())}), flush=True)
+        stages.run_stage(config)
     return 0
 
 
 def main(argv):
     del argv
-    from rlaif_jax.checkpoints.safetensors_io import CheckpointError
-    from rlaif_jax.parallel.mesh import ConfigError
-    from rlaif_jax.engine.loop import Preempted, TrainingDiverged
-
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
     config = _CONFIG.value
@@ -140,5 +107,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     app.run(main, flags_parser=parse_flags)

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, Optional
 
 from rlaif_jax.checkpoints import hf
-from rlaif_jax.checkpoints.safetensors_io import CheckpointError
+from rlaif_jax.engine.pretrained import load_model, tokenizer_dir
 from rlaif_jax.models.clip_vision import ClipVision
 from rlaif_jax.models.llama import Llama
 from rlaif_jax.models.lora import merge_lora
 from rlaif_jax.models.video_llm import VideoLLM
-
-
-HF_MODEL_TYPES = {"llama": hf.load_llama, "clip_vision_model": hf.load_clip_vision,
-                  "clip": hf.load_clip_vision, "llava": hf.load_video_llm}
 
 
 def from_pretrained(path: str, mesh=None, rules=None, tokenizer=None,
@@ -41,44 +35,13 @@ def from_pretrained(path: str, mesh=None, rules=None, tokenizer=None,
     `tokenizer`: a stage's vocabulary and special ids (default: the tokenizer its stage ran
     with, `tokenizer_path`); a Hugging Face directory's are in its config.json.
     """
-    from rlaif_jax.checkpoints.orbax_io import resolve_checkpoint  # orbax: only when loading
-
-    kind, resolved = resolve_checkpoint(path)
-    if kind == "step":
-        from rlaif_jax.engine.pretrained import load_stage
-        return load_stage(resolved, mesh, rules, tokenizer, **config_overrides)
-    with open(os.path.join(resolved, "config.json")) as f:
-        model_type = json.load(f).get("model_type")
-    if model_type not in HF_MODEL_TYPES:
-        raise CheckpointError(
-            f"{resolved}: config.json has model_type {model_type!r}; expected a Hugging Face "
-            f"directory of {sorted(HF_MODEL_TYPES)} or a stage, checkpoints/ or step directory "
-            "holding an orbax checkpoint")
-    if mesh is None:
-        return HF_MODEL_TYPES[model_type](resolved, **config_overrides)
-    import jax
-    import jax.numpy as jnp
-
-    from rlaif_jax.parallel.sharding import DEFAULT_RULES, shard_params
-    # Read to host memory, then straight onto the shards.
-    model, params = HF_MODEL_TYPES[model_type](resolved, place=lambda _, array: array,
-                                               **config_overrides)
-    boxed = jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
-    return model, shard_params(params, boxed["params"], mesh,
-                               DEFAULT_RULES if rules is None else rules)
+    return load_model(path, mesh, rules, tokenizer, **config_overrides)
 
 
 def tokenizer_path(path: str) -> str:
     """The tokenizer directory that goes with anything `from_pretrained` loads: a Hugging Face
     directory is its own; a stage or step directory's is the one its stage ran with."""
-    from rlaif_jax.checkpoints.orbax_io import resolve_checkpoint
-
-    kind, resolved = resolve_checkpoint(path)
-    if kind == "hf":
-        return resolved
-    from rlaif_jax.engine.pretrained import stage_tokenizer_dir
-    return stage_tokenizer_dir(resolved)
+    return tokenizer_dir(path)
 
 
 def save_pretrained(model: Any, params: dict, out_dir: str, dtype: str | None = None,

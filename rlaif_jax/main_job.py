@@ -1,43 +1,115 @@
-"""The main job's last step: SFT vs PPO on held-out questions, beside the controls.
+"""The main job: `python launch/main.py --config=configs/ppo.py`.
 
-Rows, all the policy model answering the world's held-out questions greedily, graded by the
-world's scorer (`rlaif_jax/eval/synthetic_qa.py`, the SFT stage's evaluation):
+It runs, in order, every earlier stage whose output is missing from the workdir (each announced),
+then PPO on the reward model (WORKDIR/ppo), then the control (PPO on the synthetic world's true
+reward: WORKDIR/ppo_oracle), then the held-out table. A stage that has its output is not redone;
+a stage that stopped midway resumes from its own checkpoints; a table row already computed from
+the same checkpoint is read back. The earlier stages' configs come from the caller
+(`chain_config(stage)`, launch/main.py reads them from the config files): the library never
+reads configs/.
+
+The table's rows, all the policy model answering the world's held-out questions greedily, graded
+by the world's scorer (`rlaif_jax/eval/synthetic_qa.py`, the SFT stage's evaluation):
   sft          the SFT model (the policy's frozen base, no adapter)
   policy_init  the base with the initial policy adapter (PPO's starting point and reference)
   ppo          RLAIF: PPO on the reward model (WORKDIR/ppo, last iteration)
   ppo_oracle   the control: PPO on the true reward (WORKDIR/ppo_oracle, last iteration)
   blind        the SFT model with every video swapped for another (what the text alone gives)
 Each row is written to WORKDIR/eval/<row>/results.json (the eval harness's format, which
-`python -m rlaif_jax.report` reads) with the checkpoint it came from; a rerun reads a row back
-instead of recomputing it when that checkpoint is unchanged.
+`python -m rlaif_jax.report` reads) with the checkpoint it came from.
 """
 
 from __future__ import annotations
 
-import json
 import os
+from typing import Callable, Optional
 
 import jax
+import ml_collections
+import numpy as np
 
-from rlaif_jax.checkpoints.orbax_io import Checkpoints
-from rlaif_jax.eval.store import atomic_write_json, atomic_write_text
+from rlaif_jax.parallel.mesh import ConfigError
+from rlaif_jax.ppo.stage import REWARDS, PPORun, run_ppo
+from rlaif_jax.stages import run_stage
+from rlaif_jax.workdir.files import atomic_write_json, atomic_write_text, read_json
+from rlaif_jax.workdir.layout import latest_step, stage_done
+
+# What PPO needs, in the order it is made.
+CHAIN = ("sft", "policy_init", "feedback", "rm")
+
+
+def run_missing_stages(config, chain_config: Optional[Callable[[str], ml_collections.ConfigDict]],
+                       ) -> list[str]:
+    """Runs every stage of CHAIN whose output is missing, in order; returns the ones it ran.
+    `chain_config(stage)` gives that stage's config for this job (workdir and seed set)."""
+    workdir = os.path.abspath(config.workdir)
+    ran = []
+    for stage in CHAIN:
+        directory = os.path.join(workdir, stage)
+        if stage_done(workdir, stage):
+            print(f"[main] {directory} is done: not redoing stage {stage}", flush=True)
+            continue
+        if chain_config is None:
+            raise ConfigError(f"the main job needs stage {stage!r}, which has no output in "
+                              f"{directory}; run it first, or set --config.init / "
+                              "--config.rm_init to existing checkpoints")
+        stage_config = chain_config(stage)
+        print(f"[main] {directory} has no output: running stage {stage} first", flush=True)
+        run_stage(stage_config)
+        ran.append(stage)
+    return ran
+
+
+def run(config, mesh, chain_config=None) -> dict:
+    """The main job: the missing earlier stages, PPO, the control, then the held-out table.
+    Returns the table's rows by name."""
+    if config.reward not in REWARDS:  # before hours of earlier stages
+        raise ConfigError(f"reward={config.reward!r}: expected one of {sorted(REWARDS)}")
+    if config.run_missing_stages:
+        run_missing_stages(config, chain_config)
+    ppo_run, _ = run_ppo(config, mesh)
+    if not config.eval.controls:
+        return {}
+    if config.reward == "rm":
+        oracle = ml_collections.ConfigDict(config.to_dict())
+        oracle.reward = "truth"
+        print("[main] control: PPO on the true reward (the world's scorer) -> "
+              f"{os.path.join(os.path.abspath(config.workdir), REWARDS['truth'])}", flush=True)
+        run_ppo(oracle, mesh, ppo_run.loaded)
+    return {row["name"]: row["metrics"] for row in held_out_table(config, mesh, ppo_run)}
+
+
+def results_row(name: str, metrics: dict, suffix: str = "") -> dict:
+    """An eval row in the eval harness's results format (report.md's table reads it): QA
+    accuracy (%) and score (0-5 scale, the scorer's [0, 1] x 5), benchmark axes 0-5 from the
+    descriptions (detail) and the temporal questions."""
+    def get(key):
+        value = metrics.get(f"eval/{key}{suffix}")
+        return None if value is None or not np.isfinite(value) else float(value)
+
+    axes = {}
+    for axis, key in (("correctness", "describe_correctness"), ("detail", "describe_detail"),
+                      ("temporal", "temporal")):
+        if get(key) is not None:
+            axes[axis] = 5.0 * get(key)
+    qa = {}
+    if get("exact_match") is not None:
+        qa = {"accuracy": 100.0 * get("exact_match"),
+              "score": None if get("correctness") is None else 5.0 * get("correctness")}
+    return {"name": name, "judge": "synthetic scorer", "axes": axes,
+            "tasks": {"synthetic_qa": qa} if qa else {},
+            "metrics": {k.replace(suffix, "") if suffix else k: v for k, v in metrics.items()
+                        if (k.endswith(suffix) if suffix else not k.endswith("_blind"))}}
+
 
 COLUMNS = (("QA exact match", "exact_match"), ("QA temporal", "temporal"),
            ("describe detail", "describe_detail"), ("describe temporal", "describe_temporal"),
            ("describe correctness", "describe_correctness"))
 
 
-def _latest(stage_dir: str):
-    manager = Checkpoints(os.path.join(stage_dir, "checkpoints"), 1, 1, False)
-    step = manager.latest_step()
-    manager.close()
-    return step
-
-
 def _cached(path: str, source: str):
     if os.path.isfile(path):
-        with open(path) as f:
-            row = json.load(f)
+        row = read_json(path)
         if row.get("source") == source:
             return row
     return None
@@ -60,9 +132,6 @@ def format_table(rows: list[dict], chance: float | None) -> str:
 
 def held_out_table(config, mesh, run=None) -> list[dict]:
     """The table's rows (computed, or read back); `run` an RLAIF PPORun to reuse its models."""
-    from rlaif_jax.ppo.stage import REWARDS, PPORun
-    from rlaif_jax.ppo.prompts import results_row
-
     workdir = os.path.abspath(config.workdir)
     eval_dir = os.path.join(workdir, "eval")
     wanted = [("sft", None), ("policy_init", None), ("ppo", REWARDS["rm"]),
@@ -77,18 +146,16 @@ def held_out_table(config, mesh, run=None) -> list[dict]:
             loaded["start"], loaded["frozen"] = run.fresh_state()
         state = loaded["start"]
         if stage is not None:
-            manager = Checkpoints(os.path.join(workdir, stage, "checkpoints"), 1, 1, False)
-            state, _ = manager.restore(manager.latest_step(), run.layout.abstract_state_sharded)
-            manager.close()
+            state = run.restore(os.path.join(workdir, stage))
         return run.tree(state, loaded["frozen"])
 
     rows, chance = [], None
     policy_init = os.path.join(workdir, "policy_init")
-    base_source = f"{policy_init}@{_latest(policy_init)}"
+    base_source = f"{policy_init}@{latest_step(policy_init)}"
     for name, stage in wanted:
         source = base_source
         if stage is not None:
-            step = _latest(os.path.join(workdir, stage))
+            step = latest_step(os.path.join(workdir, stage))
             if step is None:
                 print(f"[table] {name}: {os.path.join(workdir, stage)} has no checkpoint; row "
                       "left out", flush=True)

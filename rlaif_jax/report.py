@@ -27,7 +27,7 @@ import sys
 from typing import Optional
 
 from rlaif_jax.eval import results as eval_results
-from rlaif_jax.eval.store import atomic_write_text, read_jsonl
+from rlaif_jax.workdir.files import atomic_write_text, read_jsonl
 
 STAGES = ("data", "sft", "policy_init", "feedback", "rm", "ppo", "eval")
 # (stage, what) -> (preferred keys, fallback pattern over key names)
@@ -97,7 +97,7 @@ def _variants(workdir: str, stage: str) -> list[str]:
 
 def _plot(path: str, panels: list[tuple[str, list[tuple[str, list, list]]]], xlabel: str):
     """One PNG with a panel per (title, [(label, steps, values)])."""
-    import matplotlib
+    import matplotlib  # lazy: only the report draws, and it must pick its backend first
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -230,7 +230,7 @@ def test_sharded_on_eight_devices_matches_one_device(tiny):
     # The KV cache [layers, rows, slots, kv_heads, head_dim] is constrained to rows over the
     # batch axes and heads over 'tensor' inside the program (not left to propagation).
     ids, mask = left_pad_to(batch["input_ids"], batch["attention_mask"], 16, 0)
-    with su.sharding_context(mesh, rules):
+    with su.mesh_context(mesh, rules):
         program = _generate_jit.lower(TextDecoder(model), sharded, ids, mask, None, None,
                                       jax.random.PRNGKey(0), sampling=sampling, mesh=mesh,
                                       rules=rules).as_text()

@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from rlaif_jax.eval.store import atomic_write_json
+from rlaif_jax.workdir.files import atomic_write_json
 from rlaif_jax.report import build_report
 
 

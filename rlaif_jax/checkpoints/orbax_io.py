@@ -67,6 +67,21 @@ class Checkpoints:
         self.manager.close()
 
 
+def saved_steps(directory: str) -> list[int]:
+    """The steps of a checkpoints/ directory that hold a finished state, oldest first (orbax
+    writes a step under a temporary name and renames it when complete)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(d) for d in os.listdir(directory)
+                  if d.isdigit() and os.path.isdir(os.path.join(directory, d, STATE_ITEM)))
+
+
+def read_meta(step_dir: str) -> dict:
+    """The JSON meta of a step directory (stage, init, seed, config)."""
+    return dict(ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
+        os.path.join(step_dir, META_ITEM)))
+
+
 def resolve_checkpoint(path: str) -> tuple[str, str]:
     """Classifies an init path: ('hf', dir) for a Hugging Face directory, ('step', step_dir)
     for a stage directory (its latest checkpoint), a checkpoints/ directory or a step directory.
@@ -78,11 +93,9 @@ def resolve_checkpoint(path: str) -> tuple[str, str]:
         return "step", path
     # Before the HF check: a stage directory also holds a config.json (the resolved config).
     for directory in (os.path.join(path, "checkpoints"), path):
-        if os.path.isdir(directory):
-            steps = sorted((int(d) for d in os.listdir(directory) if d.isdigit()
-                            and os.path.isdir(os.path.join(directory, d, STATE_ITEM))))
-            if steps:
-                return "step", os.path.join(directory, str(steps[-1]))
+        steps = saved_steps(directory)
+        if steps:
+            return "step", os.path.join(directory, str(steps[-1]))
     if os.path.isdir(os.path.join(path, "checkpoints")):
         raise CheckpointError(f"stage directory {path} holds no checkpoint yet (checkpoints/ has "
                               "no <step>/state)")
@@ -103,6 +116,4 @@ def read_step_dir(step_dir: str) -> tuple[dict, dict]:
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     restored = checkpointer.restore(item, args=ocp.args.PyTreeRestore(
         item=tree, restore_args=restore_args))
-    meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
-        os.path.join(step_dir, META_ITEM))
-    return restored["params"], dict(meta)
+    return restored["params"], read_meta(step_dir)

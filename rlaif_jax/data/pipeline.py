@@ -24,11 +24,12 @@ from typing import Iterator, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from rlaif_jax.data import conversation, prompts
 from rlaif_jax.data.built import BuiltData, decode_record
 from rlaif_jax.data.video import sample_indices
+from rlaif_jax.parallel.sharding import global_batch
 
 
 def _turns(record: dict) -> list[dict]:
@@ -256,11 +257,7 @@ def to_global_arrays(local_batch: dict[str, np.ndarray], mesh: Mesh,
                      ) -> dict[str, jax.Array]:
     """Each process's rows -> global arrays whose first axis is sharded over `batch_axes`."""
     axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
-    axes = tuple(a for a in axes if a in mesh.axis_names)
-    sharding = NamedSharding(mesh, PartitionSpec(axes if axes else None))
-    return {key: jax.make_array_from_process_local_data(
-        sharding, value, (global_batch_size,) + value.shape[1:])
-        for key, value in local_batch.items()}
+    return global_batch(local_batch, mesh, global_batch_size, axes)
 
 
 def prefetched(make_batch, start_step: int, num_steps: int | None, prefetch: int, workers: int):

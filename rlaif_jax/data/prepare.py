@@ -17,13 +17,16 @@ import os
 import shutil
 
 import jax
+from jax.experimental import multihost_utils
+
+from rlaif_jax.data.build import BUILD_INFO, build
+from rlaif_jax.data.synthetic import generate_world
 
 WORLD_ARGS_FILE = "world_args.json"
 
 
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
 
 
@@ -44,8 +47,6 @@ def _make_once(path: str, make, what: str) -> None:
 def prepare_world(world_dir: str, world_args: dict, progress: bool = True) -> str:
     """The synthetic world at `world_dir`, generated with `world_args` (generate_world's keyword
     arguments) unless it is there already (with the same arguments)."""
-    from rlaif_jax.data.synthetic import generate_world
-
     args = {k: int(v) for k, v in dict(world_args).items()}
 
     def make(out):
@@ -67,8 +68,6 @@ def prepare_world(world_dir: str, world_args: dict, progress: bool = True) -> st
 def prepare_build(world_dir: str, build_dir: str, kind: str, splits: dict[str, str],
                   num_frames: int, size: int) -> str:
     """A tfds build at `build_dir` of the world's JSON files `splits` ({split: file name})."""
-    from rlaif_jax.data.build import BUILD_INFO, build
-
     # QA files name videos without a path: their root is the videos folder.
     video_root = os.path.join(world_dir, "videos") if kind == "qa" else world_dir
     files = {split: os.path.join(world_dir, name) for split, name in splits.items()}

@@ -64,7 +64,7 @@ def preprocess_frames(frames: np.ndarray, size: int) -> np.ndarray:
 
 
 def _decode_with_decord(path: str, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
-    import decord
+    import decord  # lazy: the native decoder loads only when a video is read
 
     try:
         reader = decord.VideoReader(path, num_threads=1)
@@ -79,7 +79,7 @@ def _decode_with_decord(path: str, num_frames: int) -> tuple[np.ndarray, np.ndar
 
 def _decode_with_pyav(path: str, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
     """Fallback for files decord rejects although FFmpeg reads them (decord 0.6 fails on some sizes)."""
-    import av
+    import av  # lazy: the fallback decoder, rarely needed
 
     try:
         with av.open(path) as container:

@@ -21,7 +21,7 @@ class MetricsWriter:
         if enabled:
             os.makedirs(directory, exist_ok=True)
             if tensorboard:
-                from tensorboardX import SummaryWriter
+                from tensorboardX import SummaryWriter  # lazy: optional (log.tensorboard)
                 self._tb = SummaryWriter(logdir=os.path.join(directory, "tensorboard"))
 
     def write(self, step: int, values: Mapping[str, float]):

@@ -25,27 +25,18 @@ import jax.numpy as jnp
 from rlaif_jax.checkpoints import hf
 from rlaif_jax.checkpoints.orbax_io import read_step_dir, resolve_checkpoint
 from rlaif_jax.checkpoints.safetensors_io import CheckpointError
-from rlaif_jax.models.config_base import plain_dict
+from rlaif_jax.models.config_base import RUNTIME_FIELDS, plain_dict
+from rlaif_jax.data import conversation
 from rlaif_jax.models.llama import Llama, LlamaConfig
 from rlaif_jax.models.lora import LoraConfig, merge_lora
+from rlaif_jax.models.video_llm import VideoLLM, VideoLLMConfig
 from rlaif_jax.parallel.mesh import ConfigError
 from rlaif_jax.engine import optim
-from rlaif_jax.engine.state import StateLayout, mesh_context, place
+from rlaif_jax.engine.state import StateLayout, place
+from rlaif_jax.parallel.sharding import mesh_context
+from rlaif_jax.workdir.layout import PPO_STAGE, resolve_init
 
-# Model fields that describe how to run, not what the weights are: a config may set them on top
-# of a checkpoint's own config.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "lora")
-STAGE_PREFIX = "stage:"
-PPO_STAGE = "ppo"  # the `stage` a PPO checkpoint's meta names (ppo/loop.py)
 INIT_ADAPTER = ("merge", "continue")
-
-
-def resolve_init(config) -> str:
-    """config.init with `stage:NAME` resolved against the workdir ('' stays '')."""
-    init = config.init
-    if init.startswith(STAGE_PREFIX):
-        return os.path.join(os.path.abspath(config.workdir), init[len(STAGE_PREFIX):])
-    return init
 
 
 def lora_of(model) -> LoraConfig:
@@ -76,12 +67,9 @@ def video_llm_config(model_config, tokenizer=None, **overrides):
     """A VideoLLMConfig from a video preset of configs/models.py (or the `model` a stage saved);
     with a tokenizer, the LLM's vocabulary and special ids and the `<image>` id are the
     tokenizer's. `overrides` as for `model_from_config`."""
-    from rlaif_jax.models.video_llm import VideoLLMConfig
-
     values = plain_dict(model_config)
     llm, vision = plain_dict(values.get("llm", {})), plain_dict(values.get("vision", {}))
     if tokenizer is not None:
-        from rlaif_jax.data import conversation
         llm.update(vocab_size=conversation.vocabulary_size(tokenizer),
                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                    pad_token_id=tokenizer.pad_token_id)
@@ -112,7 +100,6 @@ def model_from_config(model_kind: str, model_config, tokenizer=None, **overrides
             raise _config_error(e) from None
         model = Llama(config)
     elif model_kind == "video_llm":
-        from rlaif_jax.models.video_llm import VideoLLM
         model = VideoLLM(video_llm_config(model_config, tokenizer, **overrides))
     else:
         raise ConfigError(f"model_kind={model_kind!r}: expected 'llama' or 'video_llm'")
@@ -122,8 +109,9 @@ def model_from_config(model_kind: str, model_config, tokenizer=None, **overrides
 def build_model(config, tokenizer=None, **overrides):
     """(model, init_variables(rng) -> boxed variables) of a stage's config: config.model_kind
     and config.model, except that a LLaMA started from a Hugging Face directory takes its
-    architecture from that directory (and only the RUNTIME_FIELDS from config.model)."""
-    init = resolve_init(config) if config.init else ""
+    architecture from that directory (and only how to run it, and the adapter to train, from
+    config.model)."""
+    init = resolve_init(config.workdir, config.init)
     if init and resolve_checkpoint(init)[0] == "hf":
         if config.model_kind == "video_llm":
             raise ConfigError("model_kind='video_llm' from a Hugging Face LLaVA directory is not "
@@ -132,7 +120,7 @@ def build_model(config, tokenizer=None, **overrides):
             with open(os.path.join(resolve_checkpoint(init)[1], "config.json")) as f:
                 hf_config = json.load(f)
             preset = LlamaConfig.from_dict(config.model)
-            runtime = {k: getattr(preset, k) for k in RUNTIME_FIELDS}
+            runtime = {k: getattr(preset, k) for k in RUNTIME_FIELDS + ("lora",)}
             model = Llama(hf.llama_config_from_hf(
                 hf_config, **dict(runtime, **_llama_overrides(overrides))))
             return model, _init_fn(model)

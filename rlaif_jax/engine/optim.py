@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -23,7 +24,6 @@ def path_str(path) -> str:
 
 
 def _is_box(x) -> bool:
-    import flax.linen as nn
     return isinstance(x, nn.meta.AxisMetadata)
 
 

@@ -7,7 +7,6 @@ separate tree passed to the step and never donated, differentiated or checkpoint
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Any, Callable, Optional
 
@@ -20,6 +19,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from rlaif_jax.parallel import sharding as sharding_lib
+from rlaif_jax.parallel.sharding import mesh_context
 from rlaif_jax.engine.optim import merge_trees, split_trainable
 
 
@@ -29,13 +29,6 @@ class TrainState:
     params: Any  # trainable variables, a dict of collections ({'params': ...}, {'lora': ...})
     opt_state: Any
     rng: jax.Array  # uint32 [2]; a step derives its keys by fold_in(rng, step)
-
-
-@contextlib.contextmanager
-def mesh_context(mesh: Mesh, rules):
-    """Mesh + logical rules, so activation constraints inside traced code take effect."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        yield
 
 
 @dataclasses.dataclass

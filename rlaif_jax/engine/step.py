@@ -18,7 +18,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rlaif_jax.parallel.sharding import BATCH_AXES
 from rlaif_jax.engine.optim import merge_trees
-from rlaif_jax.engine.state import StateLayout, TrainState, mesh_context
+from rlaif_jax.engine.state import StateLayout, TrainState
+from rlaif_jax.parallel.sharding import mesh_context
 
 LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
 

@@ -18,9 +18,15 @@ import json
 import os
 from typing import Iterable, Sequence
 
+import jax
 import numpy as np
+import transformers
 
+from rlaif_jax.data.pipeline import Pipeline
 from rlaif_jax.data.synthetic import parse_question
+from rlaif_jax.engine.pretrained import load_stage, stage_config, stage_tokenizer_dir
+from rlaif_jax.rm.model import pair_rewards
+from rlaif_jax.rm.stage import heldout_verdicts
 
 GAP_BINS = ((0.0, 0.0, "tie"), (0.0, 0.1, "(0, 0.1)"), (0.1, 0.3, "[0.1, 0.3)"),
             (0.3, 1.0, "[0.3, 1]"))
@@ -84,13 +90,6 @@ def format_breakdown(title: str, table: dict[str, tuple]) -> str:
 def rm_rows(stage_dir: str, batch_size: int = 16) -> list[dict]:
     """The RM stage's held-out pairs scored by its newest checkpoint, with the judge's label
     ('ai') and the truth."""
-    import jax
-    import transformers
-
-    from rlaif_jax.engine.pretrained import load_stage, stage_config, stage_tokenizer_dir
-    from rlaif_jax.data.pipeline import Pipeline
-    from rlaif_jax.rm.stage import heldout_verdicts, pair_rewards
-
     data_dir = os.path.join(stage_dir, "data")
     with open(os.path.join(data_dir, "prepared.json")) as f:
         table = json.load(f)["labels_table"]

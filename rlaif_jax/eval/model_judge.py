@@ -23,9 +23,11 @@ from typing import Any, Iterable, Iterator, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+import transformers
 
 from rlaif_jax.data import prompts
 from rlaif_jax.data.prompts import QA_AXIS, SCORE_MAX, judge_messages, reply_prefix
+from rlaif_jax.engine.pretrained import load_model, tokenizer_dir
 from rlaif_jax.eval.judging import Judgement, JudgeTask
 from rlaif_jax.sampling.generate import bucket_length, decoder_for
 
@@ -83,18 +85,14 @@ class ModelJudge:
 
     @classmethod
     def from_config(cls, c) -> "ModelJudge":
-        import transformers
-
-        import rlaif_jax
-
         j = c.judge
         if not j.init:
             raise ValueError("config.judge.kind='model' needs config.judge.init (the judge model)")
         if not os.path.exists(j.init):
             raise FileNotFoundError(f"config.judge.init: {j.init} does not exist")
         tokenizer = transformers.AutoTokenizer.from_pretrained(
-            j.tokenizer or rlaif_jax.tokenizer_path(j.init))
-        model, params = rlaif_jax.from_pretrained(j.init, tokenizer=tokenizer)
+            j.tokenizer or tokenizer_dir(j.init))
+        model, params = load_model(j.init, tokenizer=tokenizer)
         name = "model:" + os.path.basename(os.path.normpath(j.init))
         return cls(model, {"params": params}, tokenizer, batch_size=j.batch_size, name=name,
                    max_prompt_length=c.max_prompt_length)

@@ -13,7 +13,7 @@ import os
 
 from rlaif_jax.eval import tasks as tasks_lib
 from rlaif_jax.data.prompts import BENCHMARK_AXES, QA_AXIS
-from rlaif_jax.eval.store import atomic_write_json, atomic_write_text
+from rlaif_jax.workdir.files import atomic_write_json, atomic_write_text
 
 QA_TITLES = {"msvd_qa": "MSVD-QA", "msrvtt_qa": "MSRVTT-QA", "activitynet_qa": "ActivityNet-QA",
              "synthetic_qa": "Synthetic-QA"}

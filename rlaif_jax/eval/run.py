@@ -27,10 +27,16 @@ import os
 from typing import Any, Optional
 
 import ml_collections
+import tqdm
 
+from rlaif_jax.data import video as video_io
 from rlaif_jax.eval import results as results_lib
 from rlaif_jax.eval import tasks as tasks_lib
-from rlaif_jax.eval.store import JsonlAppender, atomic_write_json, read_jsonl
+from rlaif_jax.eval.http_judge import HttpJudge
+from rlaif_jax.eval.model_judge import ModelJudge
+from rlaif_jax.eval.synthetic_judge import SyntheticJudge
+from rlaif_jax.inference.stage import QuestionAnswerer
+from rlaif_jax.workdir.files import JsonlAppender, atomic_write_json, read_jsonl
 
 JUDGE_KINDS = ("synthetic", "http", "model", "none")
 DEFAULT_WORLD = os.path.join("data", "world")  # under the workdir, when config.world is empty
@@ -128,16 +134,13 @@ def build_judge(c) -> Optional[Any]:
     if j.kind == "none":
         return None
     if j.kind == "synthetic":
-        from rlaif_jax.eval.synthetic_judge import SyntheticJudge
         return SyntheticJudge(j.world)
     if j.kind == "http":
-        from rlaif_jax.eval.http_judge import HttpJudge
         return HttpJudge(base_url=j.base_url, model=j.model, api_key_env=j.api_key_env,
                          concurrency=j.concurrency, timeout_s=j.timeout_s,
                          max_retries=j.max_retries, backoff_s=j.backoff_s,
                          max_backoff_s=j.max_backoff_s, parse_retries=j.parse_retries,
                          temperature=j.temperature, max_tokens=j.max_tokens, seed=c.seed)
-    from rlaif_jax.eval.model_judge import ModelJudge
     return ModelJudge.from_config(c)
 
 
@@ -166,7 +169,6 @@ def _load_judgements(path: str, judge_name: str) -> dict:
 def _video_source(c, video_name: str) -> Optional[str]:
     if c.blind:
         return None
-    from rlaif_jax.data import video as video_io
     return os.path.abspath(video_io.find_video_by_name(c.video_root, video_name))
 
 
@@ -184,7 +186,6 @@ def _answer_all(c, plan, answerer) -> Any:
         return answerer
     logging.info("eval: %d questions to answer", len(requests))
     if answerer is None:
-        from rlaif_jax.inference.stage import QuestionAnswerer
         answerer = QuestionAnswerer(c)
     if not c.blind and not getattr(answerer, "has_vision", True):
         raise ValueError(f"config.init={c.init} is a text-only model: set config.blind=True to "
@@ -215,8 +216,6 @@ def _judge_all(c, judge, task_judgements) -> collections.Counter:
     unsaved: collections.Counter = collections.Counter()
     if not pending:
         return unsaved
-    import tqdm
-
     owner = {}
     for task, t in pending:
         owner[t.key] = task
@@ -238,7 +237,7 @@ def run_eval(config, answerer: Optional[Any] = None, judge: Optional[Any] = None
     """Runs the evaluation of configs/eval.py; returns the results (also written to disk).
 
     `answerer` (an object with `answer(items, on_done, desc)` and `has_vision`, as
-    `rollout.infer.QuestionAnswerer`) and `judge` replace the ones the config would build.
+    `inference.stage.QuestionAnswerer`) and `judge` replace the ones the config would build.
     """
     c = resolved_config(config)
     task_paths = resolve_tasks(c)
@@ -281,3 +280,9 @@ def run_eval(config, answerer: Optional[Any] = None, judge: Optional[Any] = None
         logging.warning("eval: %d judgements failed in transport and were not saved (%s); "
                         "rerun the same command to ask again", sum(unsaved.values()), dict(unsaved))
     return results
+
+
+def run(config, mesh=None) -> dict:
+    """The `eval` stage of launch/main.py: the answerer makes its own mesh from config.mesh."""
+    del mesh
+    return run_eval(config)

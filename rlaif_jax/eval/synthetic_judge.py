@@ -15,13 +15,12 @@ import os
 from typing import Iterable, Iterator
 
 from rlaif_jax.data.prompts import QA_AXIS, SCORE_MAX
+from rlaif_jax.data.synthetic import scorer
 from rlaif_jax.eval.judging import Judgement, JudgeTask
 
 
 class SyntheticJudge:
     def __init__(self, world_dir: str):
-        from rlaif_jax.data.synthetic import scorer  # the data layer (issue 4)
-
         path = os.path.join(world_dir, "truth.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"judge.world: {path} does not exist (not a synthetic world)")

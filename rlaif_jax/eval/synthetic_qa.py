@@ -1,7 +1,7 @@
 """Held-out video QA on the synthetic world: greedy answers graded by the world's scorer.
 
 For every question of an evaluation split (a `qa` build, e.g. of eval_qa.json and
-eval_generic.json), the model answers by greedy decoding (`rollout.generate`) and
+eval_generic.json), the model answers by greedy decoding (`sampling.generate`) and
 `synthetic.score_answer` grades the answer against the video's truth. Reported:
 
 - `exact_match`: share of short-answer questions answered right (`Score.correct`), and
@@ -23,7 +23,8 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from rlaif_jax.data.synthetic import score_answer, world
+from rlaif_jax.data.pipeline import Pipeline
+from rlaif_jax.data.synthetic import load_truth, score_answer, world
 from rlaif_jax.data.synthetic import text as synthetic_text
 from rlaif_jax.sampling.generate import SamplingConfig, generate
 
@@ -155,8 +156,9 @@ def chance_level(items: list[EvalItem], truths: dict) -> float:
 
 def evaluate(model, variables, items: list[EvalItem], truths: dict, tokenizer, batch_size: int,
              max_new_tokens: int, mesh=None, rules=None, blind: bool = True,
-             examples: int = 0) -> tuple[dict[str, float], list[dict]]:
-    """(metrics, the first `examples` answers as dicts); metrics namespaced 'eval/...'."""
+             examples: Optional[int] = 0) -> tuple[dict[str, float], list[dict]]:
+    """(metrics, the first `examples` answers as dicts, None: all); metrics namespaced
+    'eval/...'."""
     answers = answer_items(model, variables, items, tokenizer, batch_size, max_new_tokens,
                            mesh, rules)
     metrics = score_items(items, answers, truths, "eval/")
@@ -169,3 +171,27 @@ def evaluate(model, variables, items: list[EvalItem], truths: dict, tokenizer, b
     shown = [{"video": i.video_name, "question": i.question, "reference": i.answer,
               "answer": a} for i, a in zip(items[:examples], answers[:examples])]
     return metrics, shown
+
+
+class HeldOutQA:
+    """Held-out QA of a synthetic world for any variables of one model: the items of the eval
+    build's `splits` ((split, file) pairs; at most `num_qa` of the 'qa' split and `num_describe`
+    of the others, 0 = all), read once; each call answers and grades them (`evaluate`)."""
+
+    def __init__(self, model, world_dir: str, eval_build: str, splits, tokenizer,
+                 batch_size: int, max_length: int, max_new_tokens: int, num_qa: int,
+                 num_describe: int, mesh=None, rules=None, examples: Optional[int] = 8):
+        self.model, self.tokenizer, self.mesh, self.rules = model, tokenizer, mesh, rules
+        self.batch_size, self.max_new_tokens, self.examples = batch_size, max_new_tokens, examples
+        self.truths = load_truth(world_dir)
+        self.items = []
+        for split, _ in splits:
+            # Every process reads the whole split: generate() places the full batch on the mesh.
+            pipeline = Pipeline(eval_build, split, tokenizer, batch_size, max_length,
+                                shuffle=False, process_index=0, process_count=1)
+            self.items += load_items(pipeline, num_qa if split == "qa" else num_describe)
+
+    def __call__(self, variables, blind: bool = False) -> tuple[dict[str, float], list[dict]]:
+        return evaluate(self.model, variables, self.items, self.truths, self.tokenizer,
+                        self.batch_size, self.max_new_tokens, mesh=self.mesh, rules=self.rules,
+                        blind=blind, examples=self.examples)

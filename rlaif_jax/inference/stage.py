@@ -1,6 +1,6 @@
 """Inference for users: QUESTIONS.json in, ANSWERS.json out, with any `from_pretrained` model.
 
-`run_generate(config)` is the `generate` stage (configs/generate.py): it loads the model and its
+`run(config)` is the `generate` stage (configs/generate.py): it loads the model and its
 tokenizer, renders each question with the chat template, decodes the prompts in batches with the
 KV-cache sampler on a mesh over all devices, and writes the answers in the input's order.
 Bad items (no question, a video for a model without vision, an over-long prompt) are skipped,
@@ -18,12 +18,17 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 import tqdm
+import transformers
+from absl import app, flags
+from ml_collections import config_flags
 
-import rlaif_jax
 from rlaif_jax.data import conversation, prompts
+from rlaif_jax.data import video as video_io
+from rlaif_jax.engine.pretrained import load_model, tokenizer_dir
 from rlaif_jax.parallel import sharding as su
-from rlaif_jax.parallel.mesh import make_mesh
+from rlaif_jax.parallel.mesh import ConfigError, make_mesh
 from rlaif_jax.sampling.generate import SamplingConfig, decoder_for, generate
+from rlaif_jax.workdir.files import atomic_write_json
 
 # ---------------------------------------------------------------------------------------------
 # Chat templates: the text lives in rlaif_jax/data/prompts.py, the rendering in conversation.py.
@@ -118,8 +123,6 @@ def _make_batch(chunk, settings, pad: int, vision: bool, image_size: int, skippe
     counted), a short batch filled with copies of its last prompt. Returns (batch, kept chunk)."""
     frames = []
     if vision:
-        from rlaif_jax.data import video as video_io  # the data layer's decoder (issue 4)
-
         kept = []
         for entry in chunk:
             index, _, source = entry
@@ -165,8 +168,6 @@ class QuestionAnswerer:
     """
 
     def __init__(self, config, tokenizer: Optional[Any] = None):
-        import transformers  # heavy; only answering needs it
-
         self.settings = config
         self.sampling = check_config(config, need_files=False)
         self.mesh = make_mesh(config.mesh.to_dict())
@@ -177,11 +178,11 @@ class QuestionAnswerer:
                              f"mesh's {divisor} batch shards (config.mesh={config.mesh.to_dict()})")
         if tokenizer is None:
             tokenizer = transformers.AutoTokenizer.from_pretrained(
-                config.tokenizer or rlaif_jax.tokenizer_path(config.init))
+                config.tokenizer or tokenizer_dir(config.init))
         self.tokenizer = tokenizer
         overrides = {"dtype": config.dtype} if config.get("dtype") else {}
-        self.model, params = rlaif_jax.from_pretrained(config.init, self.mesh, self.rules,
-                                                       tokenizer, **overrides)
+        self.model, params = load_model(config.init, self.mesh, self.rules, tokenizer,
+                                        **overrides)
         self.variables = {"params": params}
         model = self.model
         self.decoder = decoder_for(model)
@@ -258,17 +259,20 @@ class QuestionAnswerer:
         return answers, skipped
 
 
-def run_generate(config, tokenizer: Optional[Any] = None) -> dict:
-    """Answers config.input's questions into config.output; returns counts (answered, skipped)."""
-    check_config(config)
+def run(config, mesh=None, tokenizer: Optional[Any] = None) -> dict:
+    """Answers config.input's questions into config.output; returns counts (answered, skipped).
+    The stage makes its own mesh from config.mesh (one process's devices), not `mesh`."""
+    del mesh
+    try:
+        check_config(config)
+    except (ValueError, OSError) as e:
+        raise ConfigError(str(e)) from None
     items = read_questions(config.input)
     answers, skipped = QuestionAnswerer(config, tokenizer).answer(items)
-    os.makedirs(os.path.dirname(os.path.abspath(config.output)), exist_ok=True)
-    with open(config.output, "w") as f:
-        json.dump(answers, f, indent=2, ensure_ascii=False)
+    atomic_write_json(config.output, answers)
     answered = sum(a["answer"] is not None for a in answers)
     summary = {"answered": answered, "skipped": dict(skipped), "output": config.output}
-    logging.info("generate: %s", summary)
+    print(f"[generate] {json.dumps(summary)}", flush=True)
     if skipped:
         logging.warning("generate: skipped %d of %d questions: %s", sum(skipped.values()),
                         len(items), dict(skipped))
@@ -277,16 +281,12 @@ def run_generate(config, tokenizer: Optional[Any] = None) -> dict:
 
 def main(argv):
     del argv
-    from absl import flags
-    run_generate(flags.FLAGS.config)
+    print(json.dumps(run(flags.FLAGS.config)), flush=True)
 
 
 if __name__ == "__main__":
     # Also run by launch/main.py (config.stage == "generate"); standalone:
     #   python -m rlaif_jax.inference.stage --config=configs/generate.py --config.init=PATH ...
-    from absl import app, flags
-    from ml_collections import config_flags
-
     config_flags.DEFINE_config_file("config", None, "configs/generate.py", lock_config=True)
     flags.mark_flags_as_required(["config"])
     app.run(main)

@@ -7,6 +7,9 @@ from typing import Any
 
 import jax.numpy as jnp
 
+# Model fields that say how to run, not what the weights are: a stage's config may set them on
+# top of a checkpoint's own config (e.g. remat 'full' for a real job's memory plan).
+RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 

@@ -15,6 +15,8 @@ with nothing trained below it (the CLIP tower) costs 1x. LoRA's own matmuls are 
 from __future__ import annotations
 
 from rlaif_jax.models.llama import LlamaConfig
+from rlaif_jax.models.projector import projector_depth
+from rlaif_jax.models.video_llm import num_video_tokens
 
 # Backward multipliers of a weight stack by how it trains (see the module docstring).
 PASSES = {"full": 3.0, "lora": 2.0, "frozen": 1.0}
@@ -66,8 +68,6 @@ def clip_forward_flops(config, images: int, layers: int | None = None) -> float:
 
 def projector_forward_flops(config, images: int) -> float:
     """Forward FLOPs of the projector on every frame's selected features."""
-    from rlaif_jax.models.projector import projector_depth
-
     tokens = images * config.vision.num_features
     hidden = config.llm.hidden_size
     depth = projector_depth(config.projector_type)
@@ -79,8 +79,6 @@ def video_llm_forward_flops(config, batch: int, length: int, num_frames: int,
     """Forward FLOPs of the video LLM on `batch` rows of `length` text tokens, each with a video
     of `num_frames` frames: CLIP on every frame, the projector, then the LLaMA over the expanded
     sequence (length + N - 1), with the LM head on the `length` text positions only."""
-    from rlaif_jax.models.video_llm import num_video_tokens
-
     expanded = length + num_video_tokens(config, num_frames) - 1
     images = batch * num_frames
     return (clip_forward_flops(config.vision, images) + projector_forward_flops(config, images)
@@ -94,8 +92,6 @@ def video_llm_train_step_flops(config, batch: int, length: int, num_frames: int,
     """Forward + backward of the video LLM with the CLIP tower frozen (SPEC.md): CLIP costs its
     forward only; the projector, with nothing trained below it, needs no input gradient (2x
     when trained, 1x when frozen); the LLaMA as `llama_train_step_flops`."""
-    from rlaif_jax.models.video_llm import num_video_tokens
-
     images = batch * num_frames
     projector = projector_forward_flops(config, images) * (
         2.0 if projector_training == "full" else 1.0)

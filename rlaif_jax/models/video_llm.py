@@ -263,6 +263,11 @@ class VideoLLM(nn.Module):
 # Host-side checks (jitted code cannot raise on values)
 
 
+def is_video_model(model) -> bool:
+    """Whether `model` takes videos (a VideoLLM, or a wrapper of one that encodes videos)."""
+    return hasattr(model, "encode_video")
+
+
 class BatchError(ValueError):
     """A batch the model would silently mis-read; the message names the row and the problem."""
 

@@ -92,17 +92,31 @@ def mesh_shardings(abstract_boxed: Any, mesh: Mesh, rules: Rules) -> Any:
     return jax.tree.map(one, specs, unboxed, is_leaf=is_spec)
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
-
-
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Batch axis over ('data', 'fsdp'), other dims whole."""
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
-def batch_shardings(mesh: Mesh, batch: Mapping[str, Any]) -> dict:
-    return {k: batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
+def global_batch(local: Mapping[str, Any], mesh: Mesh, global_rows: Optional[int] = None,
+                 axes: Sequence[str] = BATCH_AXES) -> dict:
+    """This process's rows of a batch -> global jax.Arrays whose first axis is split over the
+    mesh's batch `axes` (the ones the mesh has). `global_rows`: the global batch size when the
+    processes do not all hold the same number of rows."""
+    axes = tuple(a for a in axes if a in mesh.axis_names)
+    sharding = NamedSharding(mesh, P(axes or None))
+    out = {}
+    for key, value in local.items():
+        value = np.asarray(value)
+        shape = None if global_rows is None else (global_rows,) + value.shape[1:]
+        out[key] = jax.make_array_from_process_local_data(sharding, value, shape)
+    return out
+
+
+def local_rows(rows: Mapping[str, Any]) -> dict:
+    """This process's contiguous share of a batch that every process holds whole."""
+    count, index = jax.process_count(), jax.process_index()
+    per = len(next(iter(rows.values()))) // count
+    return {k: v[index * per:(index + 1) * per] for k, v in rows.items()}
 
 
 def replicated_share(abstract: Any, shardings: Any) -> tuple[float, list[tuple[str, int]]]:
@@ -149,8 +163,9 @@ def batch_divisor(mesh: Optional[Mesh]) -> int:
 
 
 @contextlib.contextmanager
-def sharding_context(mesh: Optional[Mesh], rules: Rules):
-    """Activates the models' logical constraints (no-ops without a mesh and rules)."""
+def mesh_context(mesh: Optional[Mesh], rules: Rules):
+    """The mesh and its logical-axis rules, so the constraints inside traced model code take
+    effect; a no-op without a mesh."""
     if mesh is None:
         yield
         return

@@ -29,23 +29,16 @@ import optax
 
 from rlaif_jax.checkpoints.orbax_io import resolve_checkpoint
 from rlaif_jax.checkpoints.safetensors_io import CheckpointError
-from rlaif_jax.engine.pretrained import build_stage_model, read_meta, stage_config
+from rlaif_jax.checkpoints.orbax_io import read_meta
+from rlaif_jax.engine.pretrained import build_stage_model, stage_config
+from rlaif_jax.models.config_base import RUNTIME_FIELDS
 from rlaif_jax.models.lora import lora_config_of, merge_lora
 from rlaif_jax.parallel.mesh import ConfigError
 from rlaif_jax.engine import optim
 from rlaif_jax.engine.model_init import overlay, read_checkpoint, starting_variables
 from rlaif_jax.ppo.actor_critic import ActorCritic
 from rlaif_jax.engine.state import plan_state
-
-STAGE_PREFIX = "stage:"
-
-
-def stage_path(workdir: str, init: str) -> str:
-    """`stage:NAME` -> WORKDIR/NAME; anything else as given."""
-    if init.startswith(STAGE_PREFIX):
-        return os.path.join(os.path.abspath(workdir), init[len(STAGE_PREFIX):])
-    return os.path.expanduser(init)
-
+from rlaif_jax.workdir.layout import resolve_init
 
 @dataclasses.dataclass
 class LoadedModels:
@@ -60,11 +53,6 @@ class LoadedModels:
 def _lora_dict(model_config: dict) -> dict:
     llm = model_config.get("llm", model_config)
     return dict(llm.get("lora") or {})
-
-
-# How to run, not what the weights are: the PPO config's `model` / `critic_model` set these on
-# top of the checkpoints' own configs (e.g. remat 'full' for the real job's memory plan).
-RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy")
 
 
 def with_runtime(model: dict, runtime: Any) -> dict:
@@ -143,8 +131,8 @@ def load_actor_critic(workdir: str, init: str, rm_init: str, mesh, rules, tokeni
     is its base with the policy-init adapter folded in, all trained (vision and projector
     frozen); the reference is a frozen copy of it. The true-reward control loads the same
     tree: its value model is still the RM's backbone, so the two runs differ only in reward."""
-    policy_dir = stage_path(workdir, init)
-    rm_dir = stage_path(workdir, rm_init)
+    policy_dir = resolve_init(workdir, init)
+    rm_dir = resolve_init(workdir, rm_init)
     try:
         policy_step, policy_config = stage_config(policy_dir)
         rm_step, rm_config = stage_config(rm_dir)

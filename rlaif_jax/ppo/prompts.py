@@ -1,4 +1,4 @@
-"""What PPO reads from the synthetic world: its prompts, its true reward, its held-out QA.
+"""What PPO reads from the synthetic world: its prompts and its true reward.
 
 - `PromptSource`: the world's PPO prompts (`ppo_prompts.json`, a `prompt` build made once under
   WORKDIR/data/), batch k = a seeded permutation's slice, so resuming at iteration k is a seek.
@@ -6,8 +6,6 @@
   and graded by the world's scorer against its video's truth (`Score.score`, in [0, 1]).
 - `rm_suffix_ids`: the tokens the RM reads after a response, exactly as the RM stage wrote its
   rows (`conversation.tokenize_for_reward_model`): checked on a real question at start.
-- `HeldOut`: held-out QA (the SFT stage's evaluation: greedy answers graded by the scorer, with
-  the blind baseline when asked) of any variables of the policy model.
 """
 
 from __future__ import annotations
@@ -18,20 +16,23 @@ from typing import Optional
 
 import numpy as np
 
-from rlaif_jax.data import conversation
+from rlaif_jax.data import conversation, prepare
+from rlaif_jax.data.builders.items_json import load_items
+from rlaif_jax.data.pipeline import Pipeline
+from rlaif_jax.data.synthetic import score_answer
 from rlaif_jax.parallel.mesh import ConfigError
 
 PROMPT_KEYS = ("input_ids", "attention_mask", "frames", "has_video", "index")
 
 
 class PromptSource:
-    """ppo_loop's prompt interface over a shuffled prompt Pipeline (endless epochs)."""
+    """The PPO loop's prompts: a shuffled prompt Pipeline (endless epochs), this process's rows
+    of iteration k's batch."""
 
     def __init__(self, pipeline):
         self.pipeline = pipeline
 
-    def batch(self, iteration: int, process_index: int = 0, process_count: int = 1) -> dict:
-        del process_index, process_count  # the pipeline holds this process's slice
+    def batch(self, iteration: int) -> dict:
         batch = self.pipeline.batch(iteration)
         return {k: batch[k] for k in PROMPT_KEYS}
 
@@ -42,9 +43,6 @@ class PromptSource:
 def prompt_pipeline(world: str, build_dir: str, prompts_file: str, tokenizer, batch_size: int,
                     max_length: int, num_frames: int, size: int, seed: int):
     """The shuffled Pipeline of the world's PPO prompts (the build made on first use)."""
-    from rlaif_jax.data import prepare
-    from rlaif_jax.data.pipeline import Pipeline
-
     if not os.path.isfile(os.path.join(world, prompts_file)):
         raise ConfigError(f"ppo: no prompt file {os.path.join(world, prompts_file)} (run the SFT "
                           "stage first to make the synthetic world, or set data.world)")
@@ -83,7 +81,6 @@ class TruthScorer:
     """score_fn(rollout) -> the world scorer's grade of each response (PPO's true reward)."""
 
     def __init__(self, source: PromptSource, prompts_path: str, truths: dict, tokenizer):
-        from rlaif_jax.data.builders.items_json import load_items
         self.source, self.truths, self.tokenizer = source, truths, tokenizer
         items = load_items(prompts_path)
         self.items = {str(item.get("id", item.get("uid", i))): item
@@ -99,7 +96,6 @@ class TruthScorer:
         return question, self.truths.get(name)
 
     def __call__(self, rollout) -> np.ndarray:
-        from rlaif_jax.data.synthetic import score_answer
         scores = np.zeros(len(rollout["response"]), np.float32)
         for row, index in enumerate(np.asarray(rollout["index"])):
             if index < 0:
@@ -110,57 +106,3 @@ class TruthScorer:
             text = decode_response(rollout["response"][row], rollout["mask"][row], self.tokenizer)
             scores[row] = score_answer(truth, question, text).score
         return scores
-
-
-class HeldOut:
-    """Held-out QA of the world (`synthetic_qa`) for any variables of the policy model."""
-
-    def __init__(self, model, sources, splits, tokenizer, batch_size: int, max_length: int,
-                 max_new_tokens: int, num_qa: int, num_describe: int, mesh, rules):
-        from rlaif_jax.data.pipeline import Pipeline
-        from rlaif_jax.data.synthetic import load_truth
-        from rlaif_jax.eval import synthetic_qa
-
-        self.model, self.tokenizer, self.mesh, self.rules = model, tokenizer, mesh, rules
-        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
-        self.truths = load_truth(sources.world)
-        self.items = []
-        for split, _ in splits:
-            pipeline = Pipeline(sources.eval, split, tokenizer, batch_size, max_length,
-                                shuffle=False, process_index=0, process_count=1)
-            limit = num_qa if split == "qa" else num_describe
-            self.items += synthetic_qa.load_items(pipeline, limit)
-
-    def __call__(self, variables, blind: bool = False) -> tuple[dict, list]:
-        from rlaif_jax.eval import synthetic_qa
-        return synthetic_qa.evaluate(self.model, variables, self.items, self.truths,
-                                     self.tokenizer, self.batch_size, self.max_new_tokens,
-                                     mesh=self.mesh, rules=self.rules, blind=blind, examples=8)
-
-
-def load_truths(world: str) -> dict:
-    with open(os.path.join(world, "truth.json")) as f:
-        return json.load(f)
-
-
-def results_row(name: str, metrics: dict, suffix: str = "") -> dict:
-    """An eval row in the eval harness's results format (report.md's table reads it): QA
-    accuracy (%) and score (0-5 scale, the scorer's [0, 1] x 5), benchmark axes 0-5 from the
-    descriptions (detail) and the temporal questions."""
-    def get(key):
-        value = metrics.get(f"eval/{key}{suffix}")
-        return None if value is None or not np.isfinite(value) else float(value)
-
-    axes = {}
-    for axis, key in (("correctness", "describe_correctness"), ("detail", "describe_detail"),
-                      ("temporal", "temporal")):
-        if get(key) is not None:
-            axes[axis] = 5.0 * get(key)
-    qa = {}
-    if get("exact_match") is not None:
-        qa = {"accuracy": 100.0 * get("exact_match"),
-              "score": None if get("correctness") is None else 5.0 * get("correctness")}
-    return {"name": name, "judge": "synthetic scorer", "axes": axes,
-            "tasks": {"synthetic_qa": qa} if qa else {},
-            "metrics": {k.replace(suffix, "") if suffix else k: v for k, v in metrics.items()
-                        if (k.endswith(suffix) if suffix else not k.endswith("_blind"))}}

@@ -34,7 +34,8 @@ from rlaif_jax.sampling.generate import Generation, SamplingConfig, generate
 from rlaif_jax.ppo import rl_math as ppo_math
 from rlaif_jax.engine.optim import merge_trees
 from rlaif_jax.ppo.actor_critic import ActorCritic
-from rlaif_jax.engine.state import StateLayout, TrainState, mesh_context
+from rlaif_jax.engine.state import StateLayout, TrainState
+from rlaif_jax.parallel.sharding import mesh_context
 from rlaif_jax.engine.step import make_train_step
 
 # A host scorer: the rollout (numpy arrays: 'prompt_ids', 'prompt_mask', 'response', 'mask',
@@ -225,9 +226,7 @@ class PPOTrainer:
     # Host orchestration
 
     def _put(self, array):
-        array = np.asarray(array)
-        return jax.make_array_from_process_local_data(
-            sharding_lib.batch_sharding(self.mesh, array.ndim), array)
+        return sharding_lib.global_batch({"x": array}, self.mesh)["x"]
 
     def policy_variables(self, state: TrainState, frozen) -> dict:
         """The policy's variables for sampling, in the rollout layout (`rollout_rules`)."""

@@ -367,7 +367,7 @@ def generate(model, variables: dict, batch: dict, rng: jax.Array, sampling: Samp
                              f"{divisor} batch shards of the mesh")
         arrays = [None if a is None else jax.device_put(a, su.batch_sharding(mesh, a.ndim))
                   for a in arrays]
-    with su.sharding_context(mesh, rules):
+    with su.mesh_context(mesh, rules):
         return _generate_jit(decoder, variables, *arrays, rng, sampling=sampling,
                              mesh=mesh, rules=tuple(rules) if mesh is not None else None)
 

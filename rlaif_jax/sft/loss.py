@@ -18,7 +18,7 @@ IGNORE_INDEX = -100
 def model_logits(model: Any, variables: Any, batch: Mapping[str, jax.Array],
                  compute_logits: bool = True):
     """Forward pass of a text LLaMA or a video LLM on a batch of DESIGN.md's format."""
-    if hasattr(model, "encode_video"):
+    if is_video_model(model):
         return model.apply(variables, batch["input_ids"], batch["attention_mask"],
                            frames=batch.get("frames"), has_video=batch.get("has_video"),
                            compute_logits=compute_logits).logits

@@ -18,23 +18,29 @@ import json
 import os
 
 import jax
-import numpy as np
+from transformers import AutoTokenizer
 
-from rlaif_jax.parallel.mesh import ConfigError
-from rlaif_jax.parallel.sharding import make_rules
+from rlaif_jax.data import prepare
+from rlaif_jax.data.pipeline import Curriculum, phase_splits
+from rlaif_jax.data.reverse_task import ReverseTask
 from rlaif_jax.engine import optim
-from rlaif_jax.engine.loop import Stage, global_batch
-from rlaif_jax.engine.model_init import build_model, lora_of, resolve_init, starting_variables
-from rlaif_jax.sft.loss import make_sft_eval, make_sft_loss
+from rlaif_jax.engine.loop import Stage, train
+from rlaif_jax.engine.model_init import build_model, lora_of, starting_variables
 from rlaif_jax.engine.state import init_state, plan_state, state_from_variables
 from rlaif_jax.engine.step import make_eval_fn, make_train_step
+from rlaif_jax.eval.synthetic_qa import HeldOutQA
+from rlaif_jax.models.video_llm import validate_batch
+from rlaif_jax.parallel.mesh import ConfigError
+from rlaif_jax.parallel.sharding import global_batch, local_rows, make_rules
+from rlaif_jax.sft.loss import make_sft_eval, make_sft_loss
+from rlaif_jax.sft.vision_pretrain import pretrained_tower
+from rlaif_jax.workdir.files import atomic_write_json
+from rlaif_jax.workdir.layout import resolve_init, stage_dir
 
 TRAIN_KEYS = ("input_ids", "attention_mask", "labels", "frames", "has_video")
 
-
 # ---------------------------------------------------------------------------------------------
 # Data
-
 
 class CurriculumData:
     """The loop's data source over a `Curriculum`: this process's rows of step k (the pipelines
@@ -50,12 +56,11 @@ class CurriculumData:
         batch = self.curriculum.batch(step)
         out = {k: batch[k] for k in TRAIN_KEYS}
         if self.model_config is not None:
-            from rlaif_jax.models.video_llm import validate_batch
             validate_batch(out, self.model_config)
         return out
 
-    def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> dict:
-        del process_index, process_count  # the pipelines already hold this process's slice
+    def batch(self, step: int) -> dict:
+        """This process's rows of step `step` (the pipelines slice by process)."""
         future = self._pending.pop(step, None)
         for stale in [s for s in self._pending if s < step]:
             self._pending.pop(stale).cancel()
@@ -63,7 +68,6 @@ class CurriculumData:
             if ahead not in self._pending:
                 self._pending[ahead] = self._pool.submit(self._make, ahead)
         return future.result() if future is not None else self._make(step)
-
 
 def curriculum_steps(curriculum, num_steps: int) -> list[tuple[str, int]]:
     """(split, fraction) pairs -> (split, steps) summing to num_steps (the last takes the rest)."""
@@ -81,19 +85,15 @@ def curriculum_steps(curriculum, num_steps: int) -> list[tuple[str, int]]:
         used += n
     return steps
 
-
 def _load_tokenizer(path: str):
-    from transformers import AutoTokenizer
     if not os.path.isdir(path):
         raise ConfigError(f"tokenizer directory {path} does not exist")
     return AutoTokenizer.from_pretrained(path)
-
 
 class SyntheticSources:
     """Where the synthetic world and its builds live, made on first use (data/prepare.py)."""
 
     def __init__(self, config):
-        from rlaif_jax.data import prepare
         data = config.data
         root = os.path.join(os.path.abspath(config.workdir), "data")
         self.world = os.path.abspath(data.world) if data.world else os.path.join(root, "world")
@@ -113,9 +113,7 @@ class SyntheticSources:
             raise ConfigError(str(e)) from None
         self.tokenizer = _load_tokenizer(os.path.join(self.world, "tokenizer"))
 
-
 def training_curriculum(config, build_dir: str, tokenizer):
-    from rlaif_jax.data.pipeline import Curriculum, phase_splits
     schedule = curriculum_steps(config.data.curriculum, config.num_steps)
     try:
         lengths = {split: config.data.max_length
@@ -126,10 +124,8 @@ def training_curriculum(config, build_dir: str, tokenizer):
     except (KeyError, ValueError) as e:
         raise ConfigError(f"data: {str(e).strip(chr(34))}") from None
 
-
 # ---------------------------------------------------------------------------------------------
 # Evaluation
-
 
 def sft_eval_loop(eval_fn, data, num_examples: int, batch_size: int, mesh) -> dict:
     """Held-out loss, token accuracy and exact match by teacher forcing (every answer token the
@@ -138,58 +134,35 @@ def sft_eval_loop(eval_fn, data, num_examples: int, batch_size: int, mesh) -> di
     totals: dict = {}
     for first in range(0, num_examples, batch_size):
         rows = data.rows(range(first, first + batch_size))
-        sums = jax.device_get(eval_fn(global_batch(_local_rows(rows), mesh)))
+        sums = jax.device_get(eval_fn(global_batch(local_rows(rows), mesh)))
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + float(v)
     weight = max(totals["weight"], 1.0)
     return {"eval/loss": totals["loss"] / weight, "eval/token_accuracy": totals["accuracy"] / weight,
             "eval/exact_match": totals["exact"] / max(totals["sequences"], 1.0)}
 
-
-def _local_rows(rows: dict) -> dict:
-    count, index = jax.process_count(), jax.process_index()
-    per = len(rows["input_ids"]) // count
-    return {k: v[index * per:(index + 1) * per] for k, v in rows.items()}
-
-
 def make_qa_evaluation(config, model, sources: SyntheticSources, layout, stage_dir: str):
-    """evaluate(state, frozen) -> eval/... metrics of held-out QA (synthetic_qa.evaluate)."""
-    from rlaif_jax.data.pipeline import Pipeline
-    from rlaif_jax.data.synthetic import load_truth
-    from rlaif_jax.eval import synthetic_qa
-
-    truths = load_truth(sources.world)
-    items = []
-    for split, _ in config.eval.qa_files:
-        # Every process reads the whole split: generate() places the full batch on the mesh.
-        pipeline = Pipeline(sources.eval, split, sources.tokenizer, config.eval.batch_size,
-                            config.data.max_length, shuffle=False, process_index=0,
-                            process_count=1)
-        limit = config.eval.num_qa if split == "qa" else config.eval.num_describe
-        items += synthetic_qa.load_items(pipeline, limit)
+    """evaluate(state, frozen) -> eval/... metrics of held-out QA (synthetic_qa.HeldOutQA);
+    every answer is written to eval_answers_<step>.json."""
+    e = config.eval
+    held_out = HeldOutQA(model, sources.world, sources.eval, e.qa_files, sources.tokenizer,
+                         e.batch_size, config.data.max_length, e.max_new_tokens, e.num_qa,
+                         e.num_describe, layout.mesh, layout.rules, examples=None)
 
     def evaluate(state, frozen):
-        variables = optim.merge_trees(state.params, frozen)
-        metrics, shown = synthetic_qa.evaluate(
-            model, variables, items, truths, sources.tokenizer, config.eval.batch_size,
-            config.eval.max_new_tokens, mesh=layout.mesh, rules=layout.rules,
-            blind=config.eval.blind, examples=len(items))
+        metrics, shown = held_out(optim.merge_trees(state.params, frozen), blind=e.blind)
         if jax.process_index() == 0:
             step = int(jax.device_get(state.step))
-            os.makedirs(stage_dir, exist_ok=True)
-            with open(os.path.join(stage_dir, f"eval_answers_{step}.json"), "w") as f:
-                json.dump(shown, f, indent=1)
-            for answer in shown[:config.eval.show]:
+            atomic_write_json(os.path.join(stage_dir, f"eval_answers_{step}.json"), shown)
+            for answer in shown[:e.show]:
                 print(f"  Q {answer['question']!r} -> {answer['answer']!r} "
                       f"(reference {answer['reference']!r})", flush=True)
         return metrics
 
     return evaluate
 
-
 # ---------------------------------------------------------------------------------------------
 # The stage
-
 
 def check_batch_config(config, mesh):
     rows_split = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -201,12 +174,10 @@ def check_batch_config(config, mesh):
         raise ConfigError(f"eval.batch_size={config.eval.batch_size} must be a multiple of "
                           f"data*fsdp = {rows_split}")
 
-
 def pretrained_vision_tower(config, model, sources: SyntheticSources) -> dict:
     """The tiny tower pre-trained on the synthetic world (sft/vision_pretrain.py), cached
     beside the world's builds. It must stay fixed in SFT (`model.freeze_vision`): trained through
     the LLM's loss it collapses to a video-independent constant (docs/training.md)."""
-    from rlaif_jax.sft.vision_pretrain import pretrained_tower
     if not model.config.freeze_vision:
         raise ConfigError("vision_pretrain.steps > 0 needs model.freeze_vision=True: the LLM's "
                           "loss would undo the pre-training (docs/training.md)")
@@ -216,7 +187,6 @@ def pretrained_vision_tower(config, model, sources: SyntheticSources) -> dict:
                             settings.steps, settings.batch_size, settings.lr, config.seed,
                             progress=config.log.progress)
 
-
 def build_sft_stage(config, mesh) -> Stage:
     check_batch_config(config, mesh)
     source = config.data.source
@@ -224,8 +194,8 @@ def build_sft_stage(config, mesh) -> Stage:
         raise ConfigError(f"data.source={source!r}: expected 'synthetic', 'build' or 'reverse'")
     if source != "reverse" and config.model_kind != "video_llm":
         raise ConfigError(f"data.source={source!r} needs model_kind='video_llm'")
-    stage_dir = os.path.join(os.path.abspath(config.workdir), config.stage)
-    init = resolve_init(config) if config.init else ""
+    directory = stage_dir(config.workdir, config.stage)
+    init = resolve_init(config.workdir, config.init)
     sources = tokenizer = None
     if source == "synthetic":
         sources = SyntheticSources(config)
@@ -244,7 +214,6 @@ def build_sft_stage(config, mesh) -> Stage:
 
     evaluate = None
     if source == "reverse":
-        from rlaif_jax.data.reverse_task import ReverseTask
         common = dict(length=config.data.reverse_length, symbols=config.data.reverse_symbols,
                       seed=config.seed)
         train_data = ReverseTask(config.batch_size, split="train", **common)
@@ -263,7 +232,7 @@ def build_sft_stage(config, mesh) -> Stage:
         train_data = CurriculumData(training_curriculum(config, build_dir, tokenizer),
                                     model.config)
         if sources is not None and config.eval.qa_files:
-            evaluate = make_qa_evaluation(config, model, sources, layout, stage_dir)
+            evaluate = make_qa_evaluation(config, model, sources, layout, directory)
 
     tower = None
     if not init and sources is not None and config.vision_pretrain.steps > 0:
@@ -288,3 +257,7 @@ def build_sft_stage(config, mesh) -> Stage:
     return Stage(name=config.stage, layout=layout, train_step=step, data=train_data,
                  num_steps=config.num_steps, fresh_state=fresh_state, evaluate=evaluate,
                  meta=json.loads(json.dumps(meta, default=str)))
+
+def run(config, mesh) -> dict:
+    """The SFT (or policy-init) stage into WORKDIR/<config.stage>; its last metrics."""
+    return train(build_sft_stage(config, mesh), stage_dir(config.workdir, config.stage), config)

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from rlaif_jax.data import conversation, prompts
 from rlaif_jax.data.conversation import video_question
 from rlaif_jax.data.synthetic import render, scorer, text, tokenizer, world
+from rlaif_jax.data.video import decode_video_file
 
 FPS = 4
 RL_FRACTION = 0.3  # training videos kept out of SFT: policy init, PPO prompts, oracle pairs
@@ -157,8 +158,6 @@ def _write_json(path: str, data) -> None:
 
 
 def _check_decodable(path: str, size: int) -> None:
-    from rlaif_jax.data.video import decode_video_file
-
     try:  # decord 0.6.0 rejects some small sizes (16, 24, 48, 72 px): say so at once
         decode_video_file(path, 1, allow_fallback=False)
     except Exception as error:

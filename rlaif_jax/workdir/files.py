@@ -79,3 +79,8 @@ def atomic_write_text(path: str, text: str) -> None:
 
 def atomic_write_json(path: str, value) -> None:
     atomic_write_text(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_json(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)

@@ -1,0 +1,303 @@
+"""The AI judge of the feedback stage: the SFT policy samples two answers, describes the video
+clip by clip (the context), and judges which answer is better in both orders.
+
+1. two answers are sampled from the policy (temperature sampling, one prefill shared by both);
+2. the context: the video's frames are cut into `num_clips` clips (each resampled to the model's
+   frame count, as the SFT data shows clips), the policy describes each clip with
+   `prompts.context_prompt()` (greedy), and the descriptions are joined
+   (`prompts.join_clip_descriptions`); one context per video, reused by its questions;
+3. the judge: the same policy reads the video, the question, both answers, the context and the
+   principles (`prompts.judge_prompt`), and one forward pass gives its next-token log-probs of
+   two choices: the labels `prompts.JUDGE_CHOICES` (`judge_reply='label'`, the paper's), or, when
+   the judge is asked to restate the better answer (`'restate'`), the two answers' tokens where
+   they first differ, after their common start. Asked in both orders, P(answer 1 is better) is
+   the mean of P(answer 1's choice) in order (1, 2) and in order (2, 1), which cancels a position
+   bias. Pairs whose margin |2P - 1| is under `margin` are dropped, as are identical answers.
+
+The video is encoded once per batch and its tokens reused by the sampler and both judge orders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlaif_jax.data import conversation, prompts
+from rlaif_jax.data.video import sample_indices
+from rlaif_jax.models.llama import Llama
+from rlaif_jax.models.video_llm import is_video_model
+from rlaif_jax.parallel import sharding as su
+from rlaif_jax.sampling.generate import SamplingConfig, bucket_length, decoder_for, generate
+
+
+CONTEXT_MODES = ("clips", "none")
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+
+
+@dataclasses.dataclass(frozen=True)
+class FeedbackSettings:
+    answer_sampling: SamplingConfig  # num_samples is forced to 2
+    context_sampling: SamplingConfig  # num_samples is forced to 1
+    num_clips: int
+    context: str  # 'clips' or 'none' (the ablation)
+    measure_no_context: bool  # with context: also judge without it, for the metrics
+    margin: float  # drop pairs with |P(1) - P(2)| below this (applied when writing)
+    judge_reply: str  # prompts.JUDGE_REPLIES: a label, or the better answer restated
+    max_judge_length: int  # longer judge prompts are skipped and counted
+    prompt_bucket: int
+
+    def __post_init__(self):
+        if self.context not in CONTEXT_MODES:
+            raise ValueError(f"context={self.context!r}: expected one of {CONTEXT_MODES}")
+        if self.judge_reply not in prompts.JUDGE_REPLIES:
+            raise ValueError(f"judge_reply={self.judge_reply!r}: expected one of "
+                             f"{prompts.JUDGE_REPLIES}")
+        if self.num_clips < 1:
+            raise ValueError(f"num_clips={self.num_clips}: must be >= 1")
+        if not 0.0 <= self.margin < 1.0:
+            raise ValueError(f"margin={self.margin}: must be in [0, 1)")
+        object.__setattr__(self, "answer_sampling", self.answer_sampling.replace(num_samples=2))
+        object.__setattr__(self, "context_sampling",
+                           self.context_sampling.replace(num_samples=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces
+
+
+def clip_frames(frames: np.ndarray, num_clips: int) -> np.ndarray:
+    """[B, T, ...] -> [B * num_clips, T, ...]: the frames cut into consecutive clips
+    (`np.array_split`, as the synthetic world cuts them), each resampled to T frames by linspace
+    (a short clip repeats frames), so the model sees a clip as it sees a video."""
+    batch, num_frames = frames.shape[:2]
+    parts = np.array_split(np.arange(num_frames), num_clips)
+    if any(len(p) == 0 for p in parts):
+        raise ValueError(f"cannot cut {num_frames} frames into {num_clips} clips")
+    clips = [frames[:, part[sample_indices(len(part), num_frames)]] for part in parts]
+    return np.stack(clips, axis=1).reshape((batch * num_clips,) + frames.shape[1:])
+
+
+def decode_texts(tokens: np.ndarray, lengths: np.ndarray, has_eos: np.ndarray, tokenizer
+                 ) -> list[str]:
+    """Generated rows -> text (the EOS and anything after it dropped)."""
+    texts = []
+    for row, length, eos in zip(np.asarray(tokens), np.asarray(lengths), np.asarray(has_eos)):
+        keep = row[: int(length) - 1] if eos else row[: int(length)]
+        texts.append(tokenizer.decode(keep.tolist(), skip_special_tokens=True).strip())
+    return texts
+
+
+def question_of(turn: dict) -> str:
+    """The question text of a human turn (without the `<image>` placeholder line)."""
+    return turn["value"].replace(prompts.IMAGE_TOKEN, "").strip()
+
+
+def _left_pad(rows: Sequence[np.ndarray], length: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.full((len(rows), length), pad, np.int32)
+    mask = np.zeros((len(rows), length), np.int32)
+    for i, row in enumerate(rows):
+        if len(row):
+            ids[i, length - len(row):], mask[i, length - len(row):] = row, 1
+    return ids, mask
+
+
+def _last_logits(model, variables, input_ids, attention_mask, video_tokens, has_video):
+    """Next-token logits [B, V] after left-padded prompts (one forward, no cache)."""
+    if is_video_model(model):
+        out = model.apply(variables, input_ids, attention_mask, video_tokens=video_tokens,
+                          has_video=has_video, compute_logits=False)
+        return model.apply(variables, out.last_hidden_state[:, -1:], method="logits")[:, 0]
+    out = model.apply(variables, input_ids=input_ids, attention_mask=attention_mask,
+                      compute_logits=False)
+    return model.apply(variables, out.last_hidden_state[:, -1:], method=Llama.logits)[:, 0]
+
+
+def _choice_logprobs(model, variables, input_ids, attention_mask, video_tokens, has_video,
+                     choice_ids):
+    """log P(choice) [B, 2] of each row's two next-token choices `choice_ids` [B, 2],
+    renormalised over the two."""
+    logits = _last_logits(model, variables, input_ids, attention_mask, video_tokens, has_video)
+    picked = jnp.take_along_axis(logits.astype(jnp.float32), choice_ids, axis=1)
+    return jax.nn.log_softmax(picked, axis=-1)
+
+
+_choice_logprobs_jit = jax.jit(_choice_logprobs, static_argnames=("model",))
+
+
+def restated_choice(human: dict, first: str, second: str, tokenizer
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(input ids, the two choice ids) of a judge asked to restate the better answer: the judge
+    prompt followed by the answers' common first tokens, and each answer's token where they
+    first differ (its end-of-turn token if it is the shorter). Answers with the same tokens give
+    the same choice twice, which reads as a tie."""
+    rows = conversation.tokenize_conversations(
+        [[human, {"from": "gpt", "value": answer}] for answer in (first, second)], tokenizer)
+    a, b = rows[0].input_ids, rows[1].input_ids
+    common = min(len(a), len(b))
+    differ = np.flatnonzero(a[:common] != b[:common])
+    split = int(differ[0]) if len(differ) else common - 1
+    return a[:split], np.array([a[split], b[split]], np.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The AI feedback engine
+
+
+class AIFeedback:
+    """Samples answer pairs, writes contexts and judges, for batches of DESIGN.md's format.
+
+    model: the policy (a VideoLLM, or a text LLaMA for text-only prompts); variables placed on
+    `mesh` (or on one device without a mesh). Batches must have a multiple of the mesh's batch
+    shards as rows.
+    """
+
+    def __init__(self, model, variables, tokenizer, settings: FeedbackSettings, mesh=None,
+                 rules=su.DEFAULT_RULES):
+        self.model, self.variables, self.tokenizer = model, variables, tokenizer
+        self.settings, self.mesh, self.rules = settings, mesh, rules
+        self.decoder = decoder_for(model)
+        self.vision = getattr(self.decoder, "has_vision", False)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        eos = tokenizer.eos_token_id
+        s = settings
+        self.answer_sampling = s.answer_sampling.replace(eos_token_id=eos, pad_token_id=self.pad)
+        self.context_sampling = s.context_sampling.replace(eos_token_id=eos,
+                                                           pad_token_id=self.pad)
+        self.choice_ids = (np.asarray(conversation.judge_choice_token_ids(tokenizer), np.int32)
+                           if settings.judge_reply == "label" else None)
+        self.image_id = conversation.image_token_id(tokenizer)
+        if self.vision and self.image_id != model.config.image_token_id:
+            raise ValueError(f"the tokenizer's <image> id {self.image_id} is not the model's "
+                             f"image_token_id {model.config.image_token_id}")
+
+    # -- device helpers
+
+    def _put(self, array):
+        if array is None:
+            return None
+        array = jnp.asarray(array)
+        if self.mesh is None:
+            return array
+        return jax.device_put(array, su.batch_sharding(self.mesh, array.ndim))
+
+    def encode(self, frames: np.ndarray):
+        """Video tokens [B, N, H] of frames [B, T, S, S, 3] (None for a text model)."""
+        if not self.vision:
+            return None
+        with su.mesh_context(self.mesh, self.rules):
+            return self.decoder.encode_video(self.variables, self._put(frames))
+
+    def _generate(self, input_ids, attention_mask, video_tokens, has_video, rng, sampling):
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.vision:
+            batch["has_video"] = has_video
+        out = generate(self.decoder, self.variables, batch, rng, sampling,
+                       video_tokens=video_tokens, mesh=self.mesh, rules=self.rules)
+        return decode_texts(*jax.device_get((out.tokens, out.lengths, out.has_eos)),
+                            self.tokenizer)
+
+    # -- the three steps
+
+    def sample_answers(self, input_ids, attention_mask, video_tokens, has_video, rng
+                       ) -> list[tuple[str, str]]:
+        """Two sampled answers per left-padded prompt."""
+        texts = self._generate(input_ids, attention_mask, video_tokens, has_video, rng,
+                               self.answer_sampling)
+        return [(texts[2 * i], texts[2 * i + 1]) for i in range(len(texts) // 2)]
+
+    def describe(self, frames: np.ndarray, rng) -> list[str]:
+        """The context of each video: its clips described one by one, then joined."""
+        clips = clip_frames(np.asarray(frames), self.settings.num_clips)
+        ids = conversation.tokenize_prompt(conversation.video_question(prompts.context_prompt()),
+                                           self.tokenizer)
+        input_ids = np.repeat(ids[None], len(clips), axis=0)
+        mask = np.ones_like(input_ids)
+        texts = self._generate(input_ids, mask, self.encode(clips), np.ones(len(clips), bool),
+                               rng, self.context_sampling)
+        c = self.settings.num_clips
+        return [prompts.join_clip_descriptions(texts[i * c:(i + 1) * c])
+                for i in range(len(texts) // c)]
+
+    def judge_rows(self, question_turns: Sequence[dict], answers: Sequence[tuple[str, str]],
+                   contexts: Optional[Sequence[str]]) -> list[Optional[tuple]]:
+        """The two judge inputs (order 1-2, order 2-1) of each pair, each as (token ids, the
+        ids of the choices for the first- and second-listed answer); None where an input is
+        longer than max_judge_length."""
+        reply = self.settings.judge_reply
+        rows = []
+        for i, (turn, (a1, a2)) in enumerate(zip(question_turns, answers)):
+            question = question_of(turn)
+            with_video = prompts.IMAGE_TOKEN in turn["value"]
+            pair = []
+            for first, second in ((a1, a2), (a2, a1)):
+                text = prompts.judge_prompt(question, first, second,
+                                            None if contexts is None else contexts[i], reply)
+                human = (conversation.video_question(text) if with_video
+                         else {"from": "human", "value": text})
+                if reply == "label":
+                    pair.append((conversation.tokenize_prompt(human, self.tokenizer),
+                                 self.choice_ids))
+                else:
+                    pair.append(restated_choice(human, first, second, self.tokenizer))
+            too_long = max(len(ids) for ids, _ in pair) > self.settings.max_judge_length
+            rows.append(None if too_long else tuple(pair))
+        return rows
+
+    def judge(self, rows: Sequence[Optional[tuple]], video_tokens, has_video
+              ) -> np.ndarray:
+        """P(answer 1 is better) in each order [B, 2] (NaN where a row is None): column 0 is
+        P(first-listed choice) asked as (1, 2), column 1 is P(second-listed choice) asked as
+        (2, 1)."""
+        batch = len(rows)
+        present = [r for r in rows if r is not None]
+        if not present:
+            return np.full((batch, 2), np.nan)
+        filler = present[0]
+        flat = [p for r in rows for p in (r if r is not None else filler)]  # row i*2 + order
+        length = bucket_length(max(len(ids) for ids, _ in flat), self.settings.prompt_bucket)
+        ids, mask = _left_pad([ids for ids, _ in flat], length, self.pad)
+        choices = np.stack([c for _, c in flat])
+        tokens = flags = None
+        if self.vision:
+            tokens = jnp.repeat(video_tokens, 2, axis=0)
+            flags = self._put(np.repeat(np.asarray(has_video, bool), 2))
+        with su.mesh_context(self.mesh, self.rules):
+            logp = _choice_logprobs_jit(self.model, self.variables, self._put(ids),
+                                        self._put(mask), tokens, flags, self._put(choices))
+        p = np.exp(np.asarray(jax.device_get(logp), np.float64)).reshape(batch, 2, 2)
+        both = np.stack([p[:, 0, 0], p[:, 1, 1]], axis=1)  # P(answer 1 better) per order
+        both[[r is None for r in rows]] = np.nan
+        return both
+
+
+# ---------------------------------------------------------------------------------------------
+# Decisions and records
+
+
+def decide(p_orders: np.ndarray, margin: float) -> tuple[float, int, float, bool]:
+    """(P(answer 1 better), preference 1|2, confidence, kept) from the two orders."""
+    p1 = float(np.mean(p_orders))
+    preference = 1 if p1 >= 0.5 else 2
+    return p1, preference, max(p1, 1.0 - p1), abs(2.0 * p1 - 1.0) >= margin
+
+
+def apply_margin(records: Sequence[dict], margin: float) -> list[dict]:
+    """Records with `kept` and `drop_reason` set for `margin` (the judge's probabilities are
+    stored, so another margin needs no new judging)."""
+    out = []
+    for record in records:
+        record = dict(record)
+        if record.get("p_output_1") is not None:
+            kept = abs(2.0 * record["p_output_1"] - 1.0) >= margin
+            record["kept"], record["drop_reason"] = kept, None if kept else "under_margin"
+        else:
+            record["kept"] = False
+        out.append(record)
+    return out

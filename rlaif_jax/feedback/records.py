@@ -1,0 +1,109 @@
+"""The feedback stage's records: one per prompt (the two answers, the context, the judge's
+probabilities in both orders, why a pair was dropped; on the synthetic world, graded only, the
+scorer's truth), their metrics, and the part files that let a rerun resume.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from rlaif_jax.data.synthetic import scorer
+from rlaif_jax.feedback.judge import apply_margin
+from rlaif_jax.workdir.files import atomic_write_text, read_jsonl
+
+
+# ---------------------------------------------------------------------------------------------
+# Records: one per prompt, with the judge's probabilities and (graded only) the truth
+
+
+def truth_of(truths: Optional[dict], images: Any, question: str, a1: str, a2: str
+             ) -> dict:
+    """The synthetic world's truth about a pair: the scorer's preference and scores ({} when the
+    video's truth is unknown)."""
+    if not truths or not isinstance(images, str):
+        return {}
+    name = os.path.splitext(os.path.basename(images))[0]
+    truth = truths.get(name)
+    if truth is None:
+        return {}
+    scores = [scorer.score_answer(truth, question, a).score for a in (a1, a2)]
+    return {"true_preference": scorer.preference(truth, question, a1, a2),
+            "true_scores": [float(s) for s in scores]}
+
+
+def preference_item(record: dict) -> dict:
+    """A kept record in the reference's preference format (+ confidence, id, truth)."""
+    item = {"id": record["id"], "images": record["images"],
+            "conversations": [record["question_turn"], {"from": "gpt", "value": ""}],
+            "output_1": {"value": record["answers"][0]},
+            "output_2": {"value": record["answers"][1]},
+            "preference": record["preference"], "confidence": record["confidence"]}
+    for key in ("true_preference", "true_scores"):
+        if key in record:
+            item[key] = record[key]
+    return item
+
+
+def summarize(records: Sequence[dict], margin: float) -> dict:
+    """The feedback metrics of all records (every process's) under `margin`."""
+    records = apply_margin(records, margin)
+    total = len(records)
+    judged = [r for r in records if r.get("p_output_1") is not None]
+    kept = [r for r in judged if r["kept"]]
+    reasons = collections.Counter(r["drop_reason"] for r in records if r.get("drop_reason"))
+    out = {"feedback/prompts": total, "feedback/judged": len(judged), "feedback/kept": len(kept),
+           "feedback/kept_fraction": len(kept) / max(total, 1)}
+    for reason, count in sorted(reasons.items()):
+        out[f"feedback/dropped_{reason}"] = count
+    if judged:
+        out["feedback/mean_confidence"] = float(np.mean([r["confidence"] for r in judged]))
+        out["feedback/position_consistency"] = float(np.mean(
+            [(r["p_orders"][0] >= 0.5) == (r["p_orders"][1] >= 0.5) for r in judged]))
+    if kept:
+        out["feedback/mean_confidence_kept"] = float(np.mean([r["confidence"] for r in kept]))
+
+    def agreement(rows, key, suffix):
+        rows = [r for r in rows if "true_preference" in r and r.get(key) is not None]
+        if not rows:
+            return
+        hits = [(1 if r[key] >= 0.5 else 2) == r["true_preference"] for r in rows]
+        out[f"feedback/agreement_with_truth{suffix}"] = float(np.mean(hits))
+        decisive = [h for h, r in zip(hits, rows) if r["true_scores"][0] != r["true_scores"][1]]
+        if decisive:
+            out[f"feedback/agreement_with_truth{suffix}_decisive"] = float(np.mean(decisive))
+            out[f"feedback/decisive_pairs{suffix}"] = len(decisive)
+
+    with_context = [r for r in judged if r["context_mode"] == "clips"]
+    agreement(with_context, "p_output_1", "")
+    agreement(judged, "p_output_1_no_context", "_no_context")
+    agreement(kept, "p_output_1", "_kept")
+    truths = [r for r in kept if "true_preference" in r]
+    if truths:
+        out["feedback/kept_true_preference_2_fraction"] = float(np.mean(
+            [r["true_preference"] == 2 for r in truths]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Part files: one JSON line per finished prompt, so a rerun resumes
+
+
+def read_records(path: str) -> list[dict]:
+    """The complete records of a part file; a line cut by a crash is dropped from the file
+    (rewritten atomically), so appending goes on after the last complete record."""
+    records, bad = read_jsonl(path)
+    if bad:
+        logging.warning("feedback: dropping %d incomplete line(s) of %s", bad, path)
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                        for r in records))
+    return records
+
+
+def part_path(directory: str, process_index: int, process_count: int) -> str:
+    return os.path.join(directory, f"part-{process_index:05d}-of-{process_count:05d}.jsonl")
