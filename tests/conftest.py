@@ -14,4 +14,4 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 # Session fixtures every stage's tests may use (the SFT smoke workdir).
-from tests.stage_fixtures import smoke_workdir  # noqa: E402,F401
+from tests.support import smoke_workdir  # noqa: E402,F401

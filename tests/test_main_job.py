@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from tests.stage_fixtures import ROOT, launch
+from tests.support import ROOT, launch
 
 PPO = os.path.join(ROOT, "configs", "ppo.py") + ":smoke"
 
@@ -113,7 +113,7 @@ def test_ppo_tree_is_made_of_the_checkpoints_and_scores_as_the_rm(main_job):
     from rlaif_jax.parallel.sharding import make_rules
     from rlaif_jax.ppo.init import load_actor_critic
     from rlaif_jax.ppo.prompts import rm_suffix_ids
-    from rlaif_jax.rm.stage import reward_model_rows, reward_scores
+    from rlaif_jax.rm.model import reward_model_rows, reward_scores
 
     workdir, _, _ = main_job
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])

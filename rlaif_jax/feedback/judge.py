@@ -43,6 +43,9 @@ CONTEXT_MODES = ("clips", "none")
 
 @dataclasses.dataclass(frozen=True)
 class FeedbackSettings:
+    """How the feedback stage samples, describes and judges; built from configs/feedback.py
+    (`settings_from_config` in feedback/stage.py), which holds the defaults."""
+
     answer_sampling: SamplingConfig  # num_samples is forced to 2
     context_sampling: SamplingConfig  # num_samples is forced to 1
     num_clips: int

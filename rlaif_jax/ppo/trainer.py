@@ -1,4 +1,4 @@
-"""Stage 5: one PPO iteration from AI feedback (SPEC.md), as sharded jitted pieces.
+"""Stage 5: one PPO iteration from AI feedback, as sharded jitted pieces.
 
 An iteration over a rollout batch of prompts:
 
@@ -45,31 +45,33 @@ ScoreFn = Callable[[Mapping[str, np.ndarray]], np.ndarray]
 
 @dataclasses.dataclass(frozen=True)
 class PPOSettings:
-    """SPEC.md's reference trainer unless a preset says otherwise."""
+    """One PPO run's settings, built from a config's `ppo` section (`settings_from_config` in
+    ppo/stage.py); configs/ppo.py holds the defaults, the reference trainer's unless a preset
+    says otherwise."""
 
-    rollout_batch_size: int = 256  # prompts an iteration (one sample each)
-    rollout_micro_batch: int = 32  # prompts a sampling / scoring pass
-    minibatch_size: int = 128  # rollouts an optimizer step
-    train_micro_batch: int = 0  # rollouts a forward/backward (0: the whole minibatch)
-    epochs: int = 2
-    max_new_tokens: int = 896
-    temperature: float = 1.0
-    kl_coef: float = 0.1
-    kl_estimator: str = "k1"
-    no_eos_penalty: float = -8.0
-    length_penalty: float = -10.0
-    reward_scale: float = 10.0
-    gamma: float = 1.0
-    lam: float = 1.0
-    clip: float = 0.2
-    value_clip: float = 0.2
-    value_coef: float = 0.1
-    reference_pads: bool = False  # the reference's pad behaviour, everywhere
-    truncate_at_question_mark: bool = False  # the reference's "?" quirk
-    question_mark_ids: tuple = ()
-    eos_token_id: int = 2
-    pad_token_id: int = 0
-    prompt_bucket: int = 16
+    rollout_batch_size: int  # prompts an iteration (one sample each)
+    rollout_micro_batch: int  # prompts a sampling / scoring pass
+    minibatch_size: int  # rollouts an optimizer step
+    train_micro_batch: int  # rollouts a forward/backward (0: the whole minibatch)
+    epochs: int
+    max_new_tokens: int
+    temperature: float
+    kl_coef: float
+    kl_estimator: str  # rl_math.KL_ESTIMATORS
+    no_eos_penalty: float
+    length_penalty: float
+    reward_scale: float
+    gamma: float
+    lam: float
+    clip: float
+    value_clip: float
+    value_coef: float
+    reference_pads: bool  # the reference's pad behaviour, everywhere
+    truncate_at_question_mark: bool  # the reference's "?" quirk
+    prompt_bucket: int
+    eos_token_id: int  # the tokenizer's
+    pad_token_id: int
+    question_mark_ids: tuple = ()  # the tokenizer's ids of "?" (only with the "?" quirk)
 
     def __post_init__(self):
         if self.rollout_batch_size % self.minibatch_size:

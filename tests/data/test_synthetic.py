@@ -1,0 +1,207 @@
+"""The synthetic world: determinism, its files and formats, its tokenizer, and the scorer."""
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from tests.support import WORLD_ARGS, world_dir, world_tokenizer  # noqa: F401 (fixtures)
+from rlaif_jax.data import conversation, prompts
+from rlaif_jax.data.synthetic import (answerable_specs, generate_rl_split, generate_world,
+                                      load_truth, parse_question, preference, question_text,
+                                      score_answer, true_answer)
+from rlaif_jax.data.synthetic import world
+
+
+def _digest(folder: str) -> dict:
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def test_same_seed_same_bytes(tmp_path):
+    args = dict(num_train=3, num_eval=1, frames=8, size=32, progress=False)
+    generate_world(str(tmp_path / "a"), seed=5, **args)
+    generate_world(str(tmp_path / "b"), seed=5, **args)
+    generate_world(str(tmp_path / "c"), seed=6, **args)
+    a, b, c = (_digest(str(tmp_path / x)) for x in "abc")
+    videos = [k for k in a if k.endswith(".mp4")]
+    assert len(videos) == 4 * 4  # 4 videos, each with 3 clips
+    assert a == b
+    assert any(a[k] != c[k] for k in videos)
+
+
+def test_sizes_decord_cannot_read_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="decord"):
+        generate_world(str(tmp_path), num_train=1, num_eval=1, size=48, progress=False)
+
+
+def test_world_files_and_formats(world_dir):
+    manifest = json.load(open(os.path.join(world_dir, "manifest.json")))
+    assert all(n > 0 for n in manifest["counts"].values()), manifest["counts"]
+    load = lambda key: json.load(open(os.path.join(world_dir, f"{key}.json")))  # noqa: E731
+    for key in ("sft_short", "sft_long", "sft_judge", "policy_init"):
+        for item in load(key):
+            human, gpt = item["conversations"]
+            assert human["from"] == "human" and human["value"].startswith("<image>\n")
+            assert gpt["from"] == "gpt" and gpt["value"]
+            assert os.path.isfile(os.path.join(world_dir, item["images"]))
+    short_words = max(len(i["conversations"][1]["value"].split()) for i in load("sft_short"))
+    long_words = np.mean([len(i["conversations"][1]["value"].split()) for i in load("sft_long")])
+    assert short_words <= 4 and long_words > 10  # the two curriculum stages
+    assert {i["conversations"][1]["value"] for i in load("sft_judge")} <= {"1", "2"}
+    for pair in load("preferences_oracle"):
+        assert pair["preference"] in (1, 2) and pair["output_1"]["value"] != pair["output_2"]["value"]
+        better = pair["true_scores"][pair["preference"] - 1]
+        assert pair["true_preference"] == pair["preference"] and better > min(pair["true_scores"])
+    assert all({"uid", "images", "conversations"} <= set(p) for p in load("ppo_prompts"))
+    assert all(set(q) == {"video_name", "question_id", "question", "answer"} for q in load("eval_qa"))
+    assert all(set(q) == {"video_name", "Q", "A"} for q in load("eval_generic") + load("eval_temporal"))
+    assert all(set(q) == {"video_name", "Q1", "Q2", "A"} for q in load("eval_consistency"))
+    descriptions = json.load(open(os.path.join(world_dir, "descriptions.json")))
+    truth = load_truth(world_dir)
+    assert set(descriptions) == set(truth)
+    assert sum(n.startswith("eval_") for n in truth) == WORLD_ARGS["num_eval"]
+    for entry in descriptions.values():
+        assert len(entry["clips"]) == 3
+        assert entry["context"] == prompts.join_clip_descriptions(entry["clips"])
+
+
+def test_tokenizer_special_tokens(world_dir, world_tokenizer):
+    tok = AutoTokenizer.from_pretrained(os.path.join(world_dir, "tokenizer"))
+    assert (tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token) == ("<s>", "</s>", "<pad>", "<unk>")
+    assert len({tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id}) == 4
+    image_id = tok.convert_tokens_to_ids("<image>")
+    assert conversation.image_token_id(tok) == image_id < len(tok)
+    assert tok("<image>\nWhat colour", add_special_tokens=False)["input_ids"][0] == image_id
+    assert tok("red")["input_ids"][0] == tok.bos_token_id
+    assert 300 < len(tok) <= 1100
+    one, two = conversation.judge_choice_token_ids(tok)
+    assert one != two and tok.decode([one]).strip() == "1" and tok.decode([two]).strip() == "2"
+
+
+# A known video: a red square moving right; a yellow circle appears in the middle, moves up and
+# turns blue at the end.
+KNOWN = {
+    "name": "known", "num_frames": 8, "size": 64, "fps": 4,
+    "objects": [
+        {"shape": "square", "colour": "red", "new_colour": None, "change_frame": None,
+         "motion": "right", "appear_frame": 0, "start": [12.0, 20.0], "radius": 7.0},
+        {"shape": "circle", "colour": "yellow", "new_colour": "blue", "change_frame": 6,
+         "motion": "up", "appear_frame": 3, "start": [40.0, 50.0], "radius": 7.0},
+    ],
+}
+KNOWN["events"] = world.list_events(KNOWN)
+
+SHORT_CASES = [
+    ("What colour is the square?", "red", True),
+    ("What colour is the square?", "It is red.", True),
+    ("What colour is the square?", "blue", False),
+    ("What colour is the square?", "red or blue", False),
+    ("Which way does the square move?", "It moves to the right.", True),
+    ("Which way does the square move?", "left", False),
+    ("In which direction does the circle move?", "up", True),
+    ("Which way does the circle move?", "It doesn't move.", False),
+    ("How many shapes are in the video?", "two", True),
+    ("How many shapes are in the video?", "There are 2 shapes.", True),
+    ("How many shapes are in the video?", "three", False),
+    ("When does the circle appear?", "in the middle", True),
+    ("When does the circle appear?", "at the end", False),
+    ("What colour is the circle at the end?", "blue", True),
+    ("What colour is the circle at the end?", "yellow", False),
+    ("What happens first?", "the circle appeared", True),
+    ("What happens first?", "The circle turned blue.", False),
+    ("When does the circle change colour?", "at the end", True),
+]
+
+
+@pytest.mark.parametrize("question,answer,expected", SHORT_CASES)
+def test_scorer_short_answers(question, answer, expected):
+    result = score_answer(KNOWN, question, answer)
+    assert result.correct is expected
+    assert result.score == float(expected)
+
+
+def test_scorer_descriptions():
+    truth_text = ("There are two shapes. A red square moves right. Then a yellow circle appears "
+                  "in the middle and moves up. Then the circle changes from yellow to blue at "
+                  "the end.")
+    perfect = score_answer(KNOWN, "Describe this video in detail.", truth_text)
+    assert perfect.correct and (perfect.correctness, perfect.detail, perfect.temporal) == (1, 1, 1)
+    wrong_colour = score_answer(KNOWN, "Describe this video in detail.",
+                                truth_text.replace("red square", "green square"))
+    assert wrong_colour.correctness < 1 and wrong_colour.detail < 1 and wrong_colour.temporal == 1
+    hallucinated = score_answer(KNOWN, "What happens in this video?",
+                                truth_text + " A white triangle moves left.")
+    assert hallucinated.correctness < 1 and hallucinated.detail == 1
+    wrong_order = score_answer(KNOWN, "Describe this video in detail.",
+                               "A red square moves right. First the circle changes from yellow "
+                               "to blue. Then a yellow circle appears.")
+    assert wrong_order.temporal < 1
+    terse = score_answer(KNOWN, "Describe this video in detail.", "A red square moves right.")
+    assert terse.correctness == 1 and terse.detail < 0.5 and terse.temporal == 0
+    assert score_answer(KNOWN, "Describe this video in detail.", "I do not know.").score == 0
+
+
+def test_preference_prefers_truth_then_concision():
+    question = "What colour is the square?"
+    assert preference(KNOWN, question, "red", "blue") == 1
+    assert preference(KNOWN, question, "blue", "red") == 2
+    assert preference(KNOWN, question, "It is red, it is red.", "red") == 2  # a tie: concise wins
+    describe = "Describe this video in detail."
+    assert preference(KNOWN, describe, "A red square moves right.",
+                      "A red square moves left. A white triangle appears.") == 1
+
+
+def test_questions_parse_back_and_true_answers_score_right(world_dir):
+    for name, truth in load_truth(world_dir).items():
+        for spec in answerable_specs(truth):
+            for paraphrase in range(3):
+                text = question_text(spec, paraphrase)
+                assert parse_question(text) == spec, text
+            assert score_answer(truth, question_text(spec), true_answer(truth, spec)).correct
+
+
+def test_judge_items_agree_with_the_scorer(world_dir):
+    truth = load_truth(world_dir)
+    items = json.load(open(os.path.join(world_dir, "sft_judge.json")))
+    assert items
+    for item in items:
+        prompt = item["conversations"][0]["value"]
+        question = prompt.split("\nQuestion: ")[1].split("\n")[0]
+        answer_1 = prompt.split("\nAnswer 1: ")[1].split("\nAnswer 2: ")[0]
+        answer_2 = prompt.split("\nAnswer 2: ")[1].split("\nWhich answer is better?")[0]
+        name = item["id"].rsplit("_judge", 1)[0]
+        expected = preference(truth[name], question, answer_1, answer_2)
+        assert item["conversations"][1]["value"] == str(expected)
+        # Every pair comes with the true context and without any (the no-context ablation).
+        assert ("description of the video" in prompt) != item["id"].endswith("_nocontext")
+    with_context = {i["id"] for i in items if not i["id"].endswith("_nocontext")}
+    assert {i["id"] for i in items} - with_context == {f"{x}_nocontext" for x in with_context}
+
+
+def test_more_rl_videos_come_with_prompts_truth_and_oracle_pairs(tmp_path, world_tokenizer):
+    counts = generate_rl_split(str(tmp_path), 3, frames=8, size=32, seed=5, progress=False)
+    load = lambda key: json.load(open(os.path.join(tmp_path, f"{key}.json")))  # noqa: E731
+    truth, prompts_, pairs = load("truth"), load("ppo_prompts"), load("preferences_oracle")
+    assert counts == {"ppo_prompts": len(prompts_), "preferences_oracle": len(pairs)}
+    assert len(truth) == 3 and len(prompts_) == 6 and len(pairs) >= 3
+    for item in prompts_ + pairs:
+        assert os.path.isfile(os.path.join(tmp_path, item["images"]))
+        name = os.path.basename(item["images"])[:-len(".mp4")]
+        question = item["conversations"][0]["value"].split("\n", 1)[1]
+        assert parse_question(question) is not None
+        if item in prompts_:  # the reference answer is the true one
+            assert score_answer(truth[name], question, item["conversations"][1]["value"]).correct
+    for pair in pairs:
+        scores = pair["true_scores"]
+        assert pair["preference"] == pair["true_preference"] == 1 + int(scores[1] > scores[0])
+        for key in ("output_1", "output_2"):  # the world's tokenizer knows every word
+            assert world_tokenizer.unk_token_id not in world_tokenizer(
+                pair[key]["value"])["input_ids"]

@@ -1,0 +1,181 @@
+"""AI feedback mechanics on a tiny random video LLM over the synthetic world: both orders,
+the margin, the output format, resume after a crash, the metrics."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from rlaif_jax.data import conversation, prompts
+from rlaif_jax.data.builders import items_json
+from rlaif_jax.data.pipeline import Pipeline
+from rlaif_jax.data.synthetic import load_truth
+from rlaif_jax.feedback import judge
+from rlaif_jax.feedback import records as feedback_records
+from rlaif_jax.feedback import stage as feedback
+from tests.support import prompt_data, world_dir, world_tokenizer  # noqa: F401
+from tests.support import feedback_settings, host_variables
+
+BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def engine(world_tokenizer):  # noqa: F811
+    from rlaif_jax.models.clip_vision import ClipVisionConfig
+    from rlaif_jax.models.llama import LlamaConfig
+    from rlaif_jax.models.video_llm import VideoLLM, VideoLLMConfig
+
+    tok = world_tokenizer
+    config = VideoLLMConfig(
+        vision=ClipVisionConfig(image_size=64, patch_size=32, hidden_size=32,
+                                intermediate_size=64, num_layers=1, num_heads=2),
+        llm=LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=1,
+                        num_heads=2, max_position_embeddings=1024, bos_token_id=tok.bos_token_id,
+                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        num_frames=8, image_token_id=conversation.image_token_id(tok))
+    model = VideoLLM(config)
+    variables = host_variables(model)
+    # Sharper logits than a random init gives: this judge then shows a clear position bias.
+    head = variables["params"]["llm"]["lm_head"]
+    head["kernel"] = head["kernel"] * 30
+    settings = feedback_settings(**{
+        "sampling.max_new_tokens": 6, "sampling.temperature": 1.0,
+        "context_sampling.max_new_tokens": 4, "context_sampling.temperature": 0.0,
+        "prompt_bucket": 128, "num_clips": 3, "margin": 0.3, "max_judge_length": 512,
+        "judge_reply": "label"})
+    return judge.AIFeedback(model, variables, tok, settings)
+
+
+def test_clips_cut_the_frames_in_order_and_repeat_them_to_the_video_length():
+    frames = np.arange(2 * 8).reshape(2, 8, 1, 1, 1)  # frame value = its index (+ 8 per video)
+    clips = judge.clip_frames(frames, 3)
+    assert clips.shape == (6, 8, 1, 1, 1)
+    # array_split: frames 0-2, 3-5, 6-7, each resampled to 8 by linspace (rounded down).
+    np.testing.assert_array_equal(clips[0, :, 0, 0, 0], [0, 0, 0, 0, 1, 1, 1, 2])
+    np.testing.assert_array_equal(clips[2, :, 0, 0, 0], [6, 6, 6, 6, 6, 6, 6, 7])
+    np.testing.assert_array_equal(clips[3, :, 0, 0, 0], [8, 8, 8, 8, 9, 9, 9, 10])
+
+
+def test_decide_averages_both_orders_and_drops_under_the_margin():
+    assert judge.decide(np.array([0.9, 0.7]), 0.5) == pytest.approx((0.8, 1, 0.8, True))
+    p1, preference, confidence, kept = judge.decide(np.array([0.6, 0.3]), 0.2)
+    assert (preference, kept) == (2, False)
+    assert p1 == pytest.approx(0.45) and confidence == pytest.approx(0.55)
+
+
+def _with_reply(engine, reply):
+    settings = dataclasses.replace(engine.settings, judge_reply=reply)
+    return judge.AIFeedback(engine.model, engine.variables, engine.tokenizer, settings)
+
+
+@pytest.mark.parametrize("reply", prompts.JUDGE_REPLIES)
+def test_judge_asks_both_orders_and_swapping_the_answers_mirrors_it(
+        engine, prompt_data, reply):  # noqa: F811
+    engine = _with_reply(engine, reply)
+    pipe = Pipeline(prompt_data, "train", engine.tokenizer, BATCH, 256, shuffle=False)
+    batch = pipe.batch(0)
+    tokens = engine.encode(batch["frames"])
+    turns = [conversation.first_human_turn(feedback._turns(pipe.record(i)))
+             for i in batch["index"]]
+    answers = [("the square is red", "a blue circle moves left"), ("two", "three"),
+               ("yes", "no"), ("left", "right")]
+    contexts = ["Clip 1: a red square. Clip 2: it moves. Clip 3: it stops."] * BATCH
+    p = engine.judge(engine.judge_rows(turns, answers, contexts), tokens, batch["has_video"])
+    swapped = engine.judge(engine.judge_rows(turns, [(b, a) for a, b in answers], contexts),
+                           tokens, batch["has_video"])
+    assert p.shape == (BATCH, 2) and np.all((p > 0) & (p < 1))
+    # Order (1, 2) of the swapped pair is order (2, 1) of the original: P(first-listed) there
+    # is 1 - P(second-listed) here.
+    np.testing.assert_allclose(swapped[:, 0], 1 - p[:, 1], atol=1e-5)
+    np.testing.assert_allclose(swapped[:, 1], 1 - p[:, 0], atol=1e-5)
+    # Column 1 is read from the judge prompt in the other order: P(second-listed choice), the
+    # label "2" or, restated, answer 1's first own token, after the answers' common start.
+    text = prompts.judge_prompt(judge.question_of(turns[0]),
+                                answers[0][1], answers[0][0], contexts[0], reply)
+    human = conversation.video_question(text)
+    prompt_ids = conversation.tokenize_prompt(human, engine.tokenizer)
+    if reply == "label":
+        ids, choices = prompt_ids, np.asarray(conversation.judge_choice_token_ids(engine.tokenizer))
+    else:
+        ids, choices = judge.restated_choice(human, answers[0][1], answers[0][0],
+                                                engine.tokenizer)
+        answer_1 = conversation.tokenize_conversation(
+            [human, {"from": "gpt", "value": answers[0][0]}], engine.tokenizer).input_ids
+        assert list(ids[:len(prompt_ids)]) == list(prompt_ids)
+        assert choices[1] == answer_1[len(ids)] and choices[0] != choices[1]
+    logits = judge._last_logits(engine.model, engine.variables, ids[None],
+                                   np.ones((1, len(ids)), np.int32), tokens[:1], np.ones(1, bool))
+    picked = np.asarray(logits, np.float64)[0, choices]
+    expected = np.exp(picked[1] - np.logaddexp(picked[0], picked[1]))
+    np.testing.assert_allclose(expected, p[0, 1], atol=1e-5)
+    # A too-long judge prompt is not judged.
+    rows = engine.judge_rows(turns, [("word " * 400, "x")] + answers[1:], contexts)
+    assert rows[0] is None and rows[1] is not None
+    assert np.isnan(engine.judge(rows, tokens, batch["has_video"])[0]).all()
+
+
+def test_feedback_resumes_after_a_crash_and_writes_the_reference_format(
+        engine, prompt_data, world_dir, tmp_path):  # noqa: F811
+    pipe = Pipeline(prompt_data, "train", engine.tokenizer, BATCH, 256, shuffle=False)
+    with open(os.path.join(world_dir, "ppo_prompts.json")) as f:
+        items = {str(i["uid"]): i for i in json.load(f)}
+    truths = load_truth(world_dir)
+    out = str(tmp_path / "part.jsonl")
+    rng = jax.random.PRNGKey(0)
+    first = feedback.run_batches(engine, pipe, items, out, rng, truths, progress=False,
+                                 stop_after=1)  # "crashes" after one batch
+    assert len(first) == BATCH
+    with open(out, "a") as f:
+        f.write('{"id": "cut by the cra')  # a line the crash cut short
+    records = feedback.run_batches(engine, pipe, items, out, rng, truths, progress=False)
+    assert len(records) == pipe.num_examples == len(items)
+    assert sorted(r["id"] for r in records) == sorted(items)  # each prompt once
+    assert records[:BATCH] == first  # finished work is kept, not redone
+    for r in records:
+        assert r["context"].startswith("Clip 1:") and "Clip 3:" in r["context"]
+        assert r["true_preference"] in (1, 2) and len(r["true_scores"]) == 2
+        if r["p_output_1"] is not None:
+            assert abs(np.mean(r["p_orders"]) - r["p_output_1"]) < 1e-9
+            assert 0 <= r["p_output_1_no_context"] <= 1
+    judged = [r for r in records if r["p_output_1"] is not None]
+    assert judged
+    # This random judge gives the same label whatever the order (position bias): asking both
+    # orders cancels it, so at margin 0.3 no pair is kept...
+    label_1 = [(r["p_orders"][0] > 0.6 and r["p_orders"][1] < 0.4) for r in judged]
+    label_2 = [(r["p_orders"][0] < 0.4 and r["p_orders"][1] > 0.6) for r in judged]
+    assert all(label_1) or all(label_2)
+    assert not any(r["kept"] for r in judge.apply_margin(records, 0.3))
+    metrics = feedback_records.summarize(records, 0.3)
+    assert metrics["feedback/prompts"] == len(items) and metrics["feedback/kept"] == 0
+    assert metrics["feedback/dropped_under_margin"] == len(judged)
+    # ...and at margin 0 every judged pair is, written in the reference's format.
+    kept = [feedback_records.preference_item(r) for r in judge.apply_margin(records, 0.0)
+            if r["kept"]]
+    assert len(kept) == len(judged)
+    for item in kept:
+        assert items_json.check_item(item, "preference", has_video=True) is None
+        assert item["conversations"][0]["value"].startswith(prompts.IMAGE_TOKEN)
+        assert 0.5 <= item["confidence"] <= 1 and item["preference"] in (1, 2)
+    metrics = feedback_records.summarize(records, 0.0)
+    assert metrics["feedback/kept"] == len(kept)
+    assert 0 <= metrics["feedback/agreement_with_truth"] <= 1
+    assert 0 <= metrics["feedback/agreement_with_truth_no_context"] <= 1
+
+
+def test_a_restating_judge_reads_where_the_answers_first_differ(world_tokenizer):  # noqa: F811
+    human = conversation.video_question(
+        prompts.judge_prompt("How many shapes are there?", "There are two shapes.",
+                             "There are three shapes.", None, "restate"))
+    ids, choices = judge.restated_choice(human, "There are two shapes.",
+                                            "There are three shapes.", world_tokenizer)
+    text = world_tokenizer.decode(ids.tolist())
+    assert text.endswith("Reply with the better answer. ASSISTANT: There are"), text[-80:]
+    assert [world_tokenizer.decode([c]).strip() for c in choices] == ["two", "three"]
+    # One answer the start of the other: the shorter one's choice is its end-of-turn token.
+    _, choices = judge.restated_choice(human, "two", "two shapes", world_tokenizer)
+    assert choices[0] == world_tokenizer.eos_token_id
+    _, choices = judge.restated_choice(human, "two", "two", world_tokenizer)  # same tokens
+    assert choices[0] == choices[1]  # a tie: log_softmax over the two gives 1/2 each
