@@ -4,7 +4,7 @@ second and MFU. Run by `benchmarks/gpu.sh` on a GPU machine; runs anywhere at sm
     python -m benchmarks.gpu_step --layers 2 --hidden 256      # a CPU smoke check
     python -m benchmarks.gpu_step                               # Vicuna-7B's shape, all layers
 
-The train step is SPEC.md's recipe: a frozen bf16 base with LoRA r 64 on all seven projections,
+The train step is docs/method.md's recipe: a frozen bf16 base with LoRA r 64 on all seven projections,
 AdamW on the adapter, the preset's remat policy (`--mode full` trains every weight instead; that
 needs ~16 bytes a parameter, so use fewer layers). Weights are random (speed does not depend on
 them). Prints one JSON object a line: seconds a step, tokens/s, model FLOP/s and MFU against the

@@ -5,7 +5,7 @@
 Presets (`--config=configs/eval.py:NAME`):
   default       the synthetic world (config.world, else WORKDIR/data/world): its eval files and
                 videos, the world's frame count, graded by the world's scorer (exact truth).
-  videochatgpt  SPEC.md's setting on the real sets: set config.tasks.<task>=FILE and
+  videochatgpt  docs/method.md's setting on the real sets: set config.tasks.<task>=FILE and
                 config.video_root; 50 frames, temperature 0.2, 512 new tokens, judged by an
                 OpenAI-compatible endpoint (config.judge.base_url, config.judge.model, the key
                 in the environment variable config.judge.api_key_env).

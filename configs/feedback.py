@@ -7,7 +7,7 @@ Presets:
              (WORKDIR/data/world/ppo_prompts.json), truth from the world's scorer; the judge
              restates the better answer (judge_reply='restate').
   smoke      the same with short generations (tests).
-  vicuna7b   SPEC.md: the 7B SFT policy as sampler, describer and judge, 50 frames, 3 clips.
+  vicuna7b   docs/method.md: the 7B SFT policy as sampler, describer and judge, 50 frames, 3 clips.
 Output: WORKDIR/feedback/preferences.json (reference format + confidence), metrics.jsonl.
 """
 
@@ -47,7 +47,7 @@ def tiny() -> ml_collections.ConfigDict:
     c = _base()
     # The from-scratch tiny model never learnt to answer "1" or "2" by comparing the answers
     # (label agreement with the truth 0.41-0.48); read where its restatement of the better answer
-    # first differs between the two, it agrees 0.56-0.59 (docs/feedback_and_rm.md).
+    # first differs between the two, it agrees 0.56-0.59 (docs/log/feedback_and_rm.md).
     c.judge_reply = "restate"
     return c
 

@@ -24,11 +24,11 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     config.dtype = ""  # compute dtype override, e.g. "bfloat16"; empty: the checkpoint's
     config.batch_size = 8  # prompts decoded together (a multiple of the mesh's batch shards)
     config.max_prompt_length = 2048  # longer prompts are skipped and counted
-    config.num_frames = 50  # frames sampled per video (SPEC.md)
+    config.num_frames = 50  # frames sampled per video (docs/method.md)
     config.video_root = ""  # relative video paths are resolved against this
     config.seed = 0
     config.sampling = ml_collections.ConfigDict(dict(
-        temperature=0.0 if arg == "greedy" else 0.2,  # SPEC.md's evaluation setting; 0: greedy
+        temperature=0.0 if arg == "greedy" else 0.2,  # docs/method.md's evaluation setting; 0: greedy
         top_k=0,  # 0: off
         top_p=1.0,  # 1: off
         max_new_tokens=512,

@@ -1,4 +1,4 @@
-"""Model presets (SPEC.md shapes). `tiny` is the default everywhere: it trains on a laptop CPU.
+"""Model presets (docs/method.md shapes). `tiny` is the default everywhere: it trains on a laptop CPU.
 
 LLaMA presets (`tiny`, `vicuna7b`, `vicuna13b`) feed `LlamaConfig.from_dict`; CLIP presets
 (`clip_tiny`, `clip_vit_l14_336`) feed `ClipVisionConfig.from_dict`; video LLM presets
@@ -59,7 +59,7 @@ def clip_tiny() -> ml_collections.ConfigDict:
 
 
 def clip_vit_l14_336() -> ml_collections.ConfigDict:
-    """CLIP ViT-L/14 at 336 px (SPEC.md): 576 patch tokens of 1024 per frame."""
+    """CLIP ViT-L/14 at 336 px (docs/method.md): 576 patch tokens of 1024 per frame."""
     return _clip()
 
 

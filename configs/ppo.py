@@ -5,7 +5,7 @@ Presets (`--config=configs/ppo.py:NAME`):
             its output is missing from the workdir. The policy, reference, RM and value model
             share one frozen base (the tiny world's SFT model).
   smoke     the same chain, small enough for CI.
-  vicuna7b  SPEC.md's recipe for real meshes: 7B policy / reference, 13B RM / value backbone,
+  vicuna7b  docs/method.md's recipe for real meshes: 7B policy / reference, 13B RM / value backbone,
             LoRA r 64 alpha 16; 256 prompts an iteration left-padded to 128 tokens, up to 896
             new tokens at temperature 1; 2 epochs of minibatches of 128; lr 3e-5 cosine after 5
             warmup iterations, weight decay 0, one global clip of 1.0; KL coefficient 0.1 (k1).

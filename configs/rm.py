@@ -11,7 +11,7 @@ Held-out pairwise accuracy against the AI labels and the truth every `log.eval_e
 Presets:
   tiny       the default: full fine-tuning of the tiny video LLM's LLM + head (vision frozen).
   smoke      tiny, a few steps (tests).
-  vicuna13b  SPEC.md: LoRA r 64, alpha 16 on the seven projections, vision and projector frozen,
+  vicuna13b  docs/method.md: LoRA r 64, alpha 16 on the seven projections, vision and projector frozen,
              lr 2e-5 constant after 3% warmup, 16 pairs a batch, 1 epoch, clip 0.3, max len 2048.
 """
 
@@ -46,7 +46,7 @@ def _base() -> ml_collections.ConfigDict:
     c.center_coef = 1e-3
     c.optim = common_lib.adamw(2e-5, "constant", 0.3, warmup_steps=-1, warmup_ratio=0.03)
     c.eval = ml_collections.ConfigDict(dict(
-        batch_size=16, heldout_fraction=0.2, heldout_max=500))  # SPEC.md: 500 held-out pairs
+        batch_size=16, heldout_fraction=0.2, heldout_max=500))  # docs/method.md: 500 held-out pairs
     c.log.eval_every = 20
     return c
 

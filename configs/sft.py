@@ -1,11 +1,11 @@
-"""Stage 1 (SFT with a short-then-long curriculum) and stage 4 (policy init) of SPEC.md.
+"""Stage 1 (SFT with a short-then-long curriculum) and stage 4 (policy init) of docs/method.md.
 
 Presets (`--config=configs/sft.py:NAME`):
   tiny       the default: the synthetic video world (generated on first use under the workdir),
              a tiny video LLM trained from scratch, vision tower trainable (no pretrained CLIP).
   smoke      the same, small enough to finish in under a minute (tests).
   reverse    a text-only LLaMA on a reverse-the-string task: the engine alone, in seconds.
-  vicuna7b   SPEC.md stage 1: from LLaVA-1.5-7B (set --config.init), CLIP frozen, LoRA r 32
+  vicuna7b   docs/method.md stage 1: from LLaVA-1.5-7B (set --config.init), CLIP frozen, LoRA r 32
              alpha 32 and the projector trained, lr 1e-4, curriculum short then long.
   vicuna13b  the same at 13B (backbone of the reward and value models).
   policy_init_7b  stage 4: from sft-7b, LoRA r 64 alpha 16, lr 1e-4 cosine, warmup 3%, batch
@@ -99,12 +99,12 @@ def tiny() -> ml_collections.ConfigDict:
     # video and then stop there: colour answers stayed independent of the video, even for
     # one-shape videos whose colour a linear read-out of the tower gets 85% right. Trained on
     # colour questions alone it learnt them; beside the count it did so only at lr <= 1e-3
-    # (docs/training.md, "Fourth session").
+    # (docs/log/training.md, "Fourth session").
     c.optim.lr = 5e-4
     c.num_steps = 600
     # Both kinds of answer at the end: ending on `long` left the model describing the video
     # whatever the question (held-out exact match 0.22, 397 of 612 answers a description);
-    # ending on `short` lost the descriptions (docs/training.md).
+    # ending on `short` lost the descriptions (docs/log/training.md).
     c.data.curriculum = (("short", 0.3), ("long", 0.3), ("short+long", 0.4))
     return c
 

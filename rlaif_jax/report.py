@@ -1,6 +1,6 @@
 """`python -m rlaif_jax.report WORKDIR`: WORKDIR/report.md with plots, after the main job.
 
-Reads what the stages wrote (DESIGN.md's workdir layout) and writes the small-scale analogue of
+Reads what the stages wrote (the workdir layout of docs/method.md) and writes the small-scale analogue of
 the paper's evidence:
 
 - plots (PNG, next to the report): SFT loss, RM accuracy, PPO reward and KL per iteration;
@@ -27,7 +27,8 @@ import sys
 from typing import Optional
 
 from rlaif_jax.eval import results as eval_results
-from rlaif_jax.workdir.files import atomic_write_text, read_jsonl
+from rlaif_jax.engine.metrics import read_metrics
+from rlaif_jax.workdir.files import atomic_write_text
 
 STAGES = ("data", "sft", "policy_init", "feedback", "rm", "ppo", "eval")
 # (stage, what) -> (preferred keys, fallback pattern over key names)
@@ -59,9 +60,7 @@ def _finite(value) -> Optional[float]:
 def read_stage(workdir: str, stage: str) -> Optional[list[dict]]:
     """The metrics records of WORKDIR/<stage>/metrics.jsonl; None when the stage did not run."""
     path = os.path.join(workdir, stage, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return None
-    return read_jsonl(path)[0]
+    return read_metrics(path) if os.path.isfile(path) else None
 
 
 def find_key(records: list[dict], stage: str, what: str) -> Optional[str]:

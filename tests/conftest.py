@@ -1,4 +1,5 @@
-"""Test setup: 8 fake CPU devices, set before jax is imported anywhere."""
+"""Test setup: 8 fake CPU devices, set before jax is imported anywhere; the session fixtures of
+tests/support.py, visible to every test package."""
 import os
 
 os.environ["XLA_FLAGS"] = (
@@ -13,5 +14,6 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-# Session fixtures every stage's tests may use (the SFT smoke workdir).
-from tests.support import smoke_workdir  # noqa: E402,F401
+from tests.support import (instruction_data, llama_tokenizer, mixed_data,  # noqa: E402,F401
+                           preference_data, prompt_data, qa_data, smoke_workdir, world_dir,
+                           world_tokenizer)

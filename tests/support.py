@@ -106,7 +106,8 @@ def hf_logits(model, input_ids, attention_mask) -> np.ndarray:
 
 
 def assert_close_scaled(ours, ref, mask=None, rel: float = 1e-4):
-    """DESIGN.md's forward tolerance: max |ours - ref| <= rel * max |ref| on real positions."""
+    """The forward tolerance (docs/method.md): max |ours - ref| <= rel * max |ref| on real
+    positions."""
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     if mask is not None:
         keep = np.asarray(mask).astype(bool)

@@ -1,6 +1,6 @@
 """A tiny text-only SFT task (reverse a token string) that exercises the training engine alone.
 
-Rows are in DESIGN.md's batch format (right-padded, labels -100 outside the answer) and
+Rows are in the batch format of docs/method.md (right-padded, labels -100 outside the answer) and
 index-based: example i is a pure function of (seed, split, i), so `batch(step)` is a seek. It
 lets the loop, checkpointing and resume be tested in seconds with a text LLaMA and no videos.
 """
@@ -8,7 +8,9 @@ lets the loop, checkpointing and resume be tested in seconds with a text LLaMA a
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
+import jax
 import numpy as np
 
 IGNORE_INDEX = -100
@@ -49,7 +51,11 @@ class ReverseTask:
         examples = [self.example(int(i)) for i in indices]
         return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
-    def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> dict:
+    def batch(self, step: int, process_index: Optional[int] = None,
+              process_count: Optional[int] = None) -> dict:
+        """This process's rows of step `step` (by default the running process's share)."""
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
         if self.batch_size % process_count:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by "
                              f"{process_count} processes")

@@ -12,6 +12,8 @@ import os
 import time
 from typing import Mapping, Optional
 
+from rlaif_jax.workdir.files import read_jsonl
+
 
 class MetricsWriter:
     def __init__(self, directory: str, stage: str, enabled: bool = True, tensorboard: bool = True):
@@ -46,7 +48,7 @@ class MetricsWriter:
 
 
 def read_metrics(path: str, key: Optional[str] = None) -> list[dict]:
-    """The records of a metrics.jsonl (those holding `key`, if given), in file order."""
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    """The records of a metrics.jsonl (those holding `key`, if given), in file order; a line
+    cut short by a crash is left out."""
+    records, _ = read_jsonl(path)
     return [r for r in records if key is None or key in r]

@@ -7,7 +7,7 @@ stage started from (recursively, down to random or HF weights). When that checkp
 LoRA adapter and this stage trains its own (`init_adapter='merge'`, the default), the earlier
 adapter is folded into the base (`merge_lora`) and this stage's adapter starts fresh (A random,
 B zero): the model starts out computing exactly what the earlier stage's model computed, and
-the two adapters may have different ranks (SPEC.md: SFT r 32 -> policy init r 64).
+the two adapters may have different ranks (docs/method.md: SFT r 32 -> policy init r 64).
 `init_adapter='continue'` keeps training the earlier adapter instead (same rank and targets).
 """
 

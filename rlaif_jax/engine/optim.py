@@ -9,7 +9,7 @@ So a frozen 7B base costs neither gradient nor Adam memory, and LoRA-only is `tr
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Mapping
 
 import flax.linen as nn
 import jax

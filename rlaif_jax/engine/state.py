@@ -8,7 +8,7 @@ separate tree passed to the step and never donated, differentiated or checkpoint
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import flax.linen as nn
 import flax.struct

@@ -18,7 +18,7 @@ The prompt is text only (as the reference's GPT judge): the judge does not see t
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp

@@ -4,7 +4,7 @@
 
 For each task (configs/eval.py `tasks`, or a synthetic world's eval files) it
 
-1. answers every question with the model (batched KV-cache sampling, SPEC.md's inference
+1. answers every question with the model (batched KV-cache sampling, docs/method.md's inference
    settings), appending each finished batch to `OUT/<task>/answers.jsonl`;
 2. writes `OUT/<task>/predictions.json` in the reference's format;
 3. asks the judge about every prediction on the task's axes, appending each judgement to

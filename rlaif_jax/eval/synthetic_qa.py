@@ -18,7 +18,7 @@ eval_generic.json), the model answers by greedy decoding (`sampling.generate`) a
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import numpy as np

@@ -1,5 +1,5 @@
 """The evaluation sets: zero-shot video QA and the Video-ChatGPT benchmark, in the reference's
-JSON formats (SPEC.md), and the reference's prediction format.
+JSON formats (docs/method.md), and the reference's prediction format.
 
 - QA (MSVD-QA, MSRVTT-QA, ActivityNet-QA, and the synthetic world's `eval_qa.json`):
   `[{video_name, question_id, question, answer}]`; predictions `{id, question, answer, pred}`.

@@ -154,7 +154,7 @@ def restated_choice(human: dict, first: str, second: str, tokenizer
 
 
 class AIFeedback:
-    """Samples answer pairs, writes contexts and judges, for batches of DESIGN.md's format.
+    """Samples answer pairs, writes contexts and judges, for batches in the format of docs/method.md.
 
     model: the policy (a VideoLLM, or a text LLaMA for text-only prompts); variables placed on
     `mesh` (or on one device without a mesh). Batches must have a multiple of the mesh's batch

@@ -89,7 +89,7 @@ def video_llm_forward_flops(config, batch: int, length: int, num_frames: int,
 def video_llm_train_step_flops(config, batch: int, length: int, num_frames: int,
                                llm_training: str = "full", projector_training: str = "full"
                                ) -> float:
-    """Forward + backward of the video LLM with the CLIP tower frozen (SPEC.md): CLIP costs its
+    """Forward + backward of the video LLM with the CLIP tower frozen (docs/method.md): CLIP costs its
     forward only; the projector, with nothing trained below it, needs no input gradient (2x
     when trained, 1x when frozen); the LLaMA as `llama_train_step_flops`."""
     images = batch * num_frames

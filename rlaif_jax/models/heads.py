@@ -2,7 +2,7 @@
 
 `RewardHead`: Linear(H, 1) read at each row's last real token (works for left and right padding).
 `ValueHead`: Linear(H, 1) with weight and bias zero-initialised, one value per position; the
-value for response token t is read from position t-1 by the caller (SPEC.md), as for logits.
+value for response token t is read from position t-1 by the caller (docs/method.md), as for logits.
 Both return float32.
 """
 

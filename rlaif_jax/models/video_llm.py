@@ -1,7 +1,7 @@
 """The video LLM: CLIP on every frame -> projector -> pooling -> spliced into the LLaMA prompt.
 
 Frames [B, T, H, W, 3] (uint8, already resized) are folded into the batch for the vision tower,
-projected to the LLM's width, then pooled (SPEC.md):
+projected to the LLM's width, then pooled (docs/method.md):
 
 - `spatiotemporal`: features (T, P, H) -> T temporal tokens (mean over the P patches of each
   frame) followed by P spatial tokens (mean over the T frames of each patch): N = T + P.
@@ -56,7 +56,7 @@ class VideoLLMConfig(ModelConfig):
     # The <image> placeholder; may lie past the vocabulary. None (e.g. in a preset) resolves to
     # llm.vocab_size, the first id past the vocabulary, when the config is built.
     image_token_id: Optional[int] = 32000
-    freeze_vision: bool = True  # no gradient through CLIP (SPEC.md: the tower is frozen)
+    freeze_vision: bool = True  # no gradient through CLIP (docs/method.md: the tower is frozen)
     reward_head: bool = False
     value_head: bool = False
 
@@ -109,7 +109,7 @@ class VideoLLMOutput:
 
 
 def pool_video_tokens(tokens: jax.Array, pooling: str) -> jax.Array:
-    """tokens [B, T, P, H] -> [B, N, H] (SPEC.md); means in float32."""
+    """tokens [B, T, P, H] -> [B, N, H] (docs/method.md); means in float32."""
     batch, frames, patches, width = tokens.shape
     if pooling == "spatiotemporal":
         t32 = tokens.astype(jnp.float32)

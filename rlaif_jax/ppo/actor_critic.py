@@ -1,4 +1,4 @@
-"""PPO's four models as ONE variables tree over at most two frozen bases (SPEC.md stage 5).
+"""PPO's four models as ONE variables tree over at most two frozen bases (docs/method.md stage 5).
 
     {'policy':    {'params': policy base (frozen), 'lora': policy adapter (trainable)},
      'reference': {'lora': the initial policy adapter (frozen)},
@@ -9,7 +9,7 @@
 
 The reference is the policy base with the initial adapter: never a second copy of the base. The
 RM and the value model share one frozen backbone; on the tiny world that backbone may be the
-policy's own base (`critic_shares_base`), SPEC.md's 7B policy / 13B critic split is the real
+policy's own base (`critic_shares_base`), docs/method.md's 7B policy / 13B critic split is the real
 preset's. With `full_finetune` the policy base itself is trained: then, and only then, the
 reference holds a frozen copy of the base ('reference/params').
 
@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from rlaif_jax.models.heads import RewardHead, ValueHead
 from rlaif_jax.models.llama import Llama
+from rlaif_jax.ppo.rl_math import token_entropy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,10 +127,10 @@ class ActorCritic:
         # The hidden state at index s predicts the token at s + 1.
         hidden = hidden[:, prompt_slots - 1:prompt_slots - 1 + new]
         logits = self.policy.apply(variables, hidden, method="logits").astype(jnp.float32)
-        logp = jax.nn.log_softmax(logits / (temperature or 1.0), axis=-1)
+        logits = logits / (temperature or 1.0)
+        logp = jax.nn.log_softmax(logits, axis=-1)
         chosen = jnp.take_along_axis(logp, batch["response"][..., None], axis=-1)[..., 0]
-        entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
-        return chosen, entropy
+        return chosen, token_entropy(logits)
 
     def values(self, tree: dict, batch: dict) -> jax.Array:
         """Value of each response token [B, T], read from the hidden state before it."""

@@ -1,4 +1,4 @@
-"""PPO's starting tree from the earlier stages' checkpoints (SPEC.md stage 5).
+"""PPO's starting tree from the earlier stages' checkpoints (docs/method.md stage 5).
 
 - policy = the policy-init checkpoint: its frozen base (the SFT model, itself rebuilt from its
   own checkpoint chain) and its LoRA adapter, which PPO keeps training;
@@ -12,7 +12,7 @@
 The policy and the RM share one frozen base only when the RM is an adapter trained on exactly
 the policy's base (both stages started from the same checkpoint, the policy init merged its
 adapter, the RM trained only its adapter and head); otherwise, e.g. a fully fine-tuned RM (the
-tiny preset's) or SPEC.md's 13B RM under a 7B policy, the RM's backbone is a tree of its own
+tiny preset's) or docs/method.md's 13B RM under a 7B policy, the RM's backbone is a tree of its own
 (`critic`). Each checkpoint's base is rebuilt as its stage built it (`load_keeping_adapter`).
 With `full_finetune` the policy-init adapter is folded into the policy's base, which PPO trains.
 """

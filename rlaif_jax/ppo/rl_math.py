@@ -1,4 +1,4 @@
-"""PPO's arithmetic, as pure functions over [B, T] response-aligned arrays (SPEC.md stage 5).
+"""PPO's arithmetic, as pure functions over [B, T] response-aligned arrays (docs/method.md stage 5).
 
 Every array is aligned with the response tokens: column t is the t-th generated token; `mask` is 1
 on real tokens (up to and including the EOS) and 0 on pads. Two pad conventions:

@@ -19,7 +19,7 @@ samples, held-out evaluation and the best checkpoint.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from rlaif_jax.parallel import sharding as sharding_lib
 from rlaif_jax.parallel.mesh import ConfigError
 from rlaif_jax.parallel.sharding import BATCH_AXES
-from rlaif_jax.sampling.generate import Generation, SamplingConfig, generate
+from rlaif_jax.sampling.generate import SamplingConfig, generate
 from rlaif_jax.ppo import rl_math as ppo_math
 from rlaif_jax.engine.optim import merge_trees
 from rlaif_jax.ppo.actor_critic import ActorCritic

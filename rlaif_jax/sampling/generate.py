@@ -337,7 +337,7 @@ def generate(model, variables: dict, batch: dict, rng: jax.Array, sampling: Samp
     """Samples `sampling.num_samples` continuations of each left-padded prompt in `batch`.
 
     model: a `Llama` (or a decoder adapter); variables: {'params': ...[, 'lora': adapter]}.
-    batch: `input_ids` / `attention_mask` [B, L] left-padded (DESIGN.md's batch), and for a video
+    batch: `input_ids` / `attention_mask` [B, L] left-padded (the batch of docs/method.md), and for a video
     model `has_video` [B] with either `frames` or precomputed `video_tokens` (so the n samples and
     PPO's later passes reuse one encoding). With a `mesh`, params must already be placed on it
     (`parallel.sharding.shard_params`); B must be a multiple of the batch axes' size.

@@ -12,12 +12,14 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from rlaif_jax.models.video_llm import is_video_model
+
 IGNORE_INDEX = -100
 
 
 def model_logits(model: Any, variables: Any, batch: Mapping[str, jax.Array],
                  compute_logits: bool = True):
-    """Forward pass of a text LLaMA or a video LLM on a batch of DESIGN.md's format."""
+    """Forward pass of a text LLaMA or a video LLM on a batch (docs/method.md, Formats)."""
     if is_video_model(model):
         return model.apply(variables, batch["input_ids"], batch["attention_mask"],
                            frames=batch.get("frames"), has_video=batch.get("has_video"),

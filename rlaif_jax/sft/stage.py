@@ -1,4 +1,4 @@
-"""The SFT stage (SPEC.md stage 1) and the policy-init stage (stage 4) from a config.
+"""The SFT stage (docs/method.md stage 1) and the policy-init stage (stage 4) from a config.
 
 Data sources (`config.data.source`):
 - `synthetic` (the default): the bundled synthetic world, generated on first use under
@@ -177,10 +177,10 @@ def check_batch_config(config, mesh):
 def pretrained_vision_tower(config, model, sources: SyntheticSources) -> dict:
     """The tiny tower pre-trained on the synthetic world (sft/vision_pretrain.py), cached
     beside the world's builds. It must stay fixed in SFT (`model.freeze_vision`): trained through
-    the LLM's loss it collapses to a video-independent constant (docs/training.md)."""
+    the LLM's loss it collapses to a video-independent constant (docs/log/training.md)."""
     if not model.config.freeze_vision:
         raise ConfigError("vision_pretrain.steps > 0 needs model.freeze_vision=True: the LLM's "
-                          "loss would undo the pre-training (docs/training.md)")
+                          "loss would undo the pre-training (docs/log/training.md)")
     settings = config.vision_pretrain
     cache = os.path.join(os.path.dirname(sources.train), "vision_tower")
     return pretrained_tower(cache, sources.world, model.config.vision, model.config.num_frames,
@@ -212,7 +212,6 @@ def build_sft_stage(config, mesh) -> Stage:
                         config.max_replicated_share)
     step = make_train_step(make_sft_loss(model), layout, schedule, config.accum_steps)
 
-    evaluate = None
     if source == "reverse":
         common = dict(length=config.data.reverse_length, symbols=config.data.reverse_symbols,
                       seed=config.seed)
@@ -231,6 +230,7 @@ def build_sft_stage(config, mesh) -> Stage:
         build_dir = sources.train if sources else config.data.build_dir
         train_data = CurriculumData(training_curriculum(config, build_dir, tokenizer),
                                     model.config)
+        evaluate = None
         if sources is not None and config.eval.qa_files:
             evaluate = make_qa_evaluation(config, model, sources, layout, directory)
 

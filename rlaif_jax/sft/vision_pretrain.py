@@ -2,7 +2,7 @@
 
 LLaVA starts from a CLIP tower pre-trained on 400M image-text pairs and keeps it frozen; the
 synthetic world has no such tower. Trained from scratch through the LLM's loss alone, the tiny
-tower collapses to a video-independent constant within ~30 steps (docs/training.md), so the SFT
+tower collapses to a video-independent constant within ~30 steps (docs/log/training.md), so the SFT
 model answers from the text prior. Here the tower learns directly what is in the TRAINING
 videos (never the eval ones): a linear probe on the pooled features the LLM will see predicts each
 video's attributes from `truth.json`. SFT then keeps the tower frozen, as LLaVA does with CLIP.
@@ -111,7 +111,7 @@ class VisionProbe(nn.Module):
     Order-free attributes are read from the MEAN of the pooled tokens: an LLM trained from
     scratch starts out attending about uniformly, so what the mean holds reaches its answer
     positions from the first step (a read-out of the flattened tokens let the tower hide the
-    count in one token's channels, and the LLM never found it: docs/training.md). Motion needs
+    count in one token's channels, and the LLM never found it: docs/log/training.md). Motion needs
     the frames' order, so it is read from the flattened per-frame (temporal) tokens.
     The submodule is named `vision` so its params drop into VideoLLM's `params/vision`.
     """

@@ -1,4 +1,4 @@
-"""Model presets: shapes of SPEC.md, parameter counts equal to transformers' models."""
+"""Model presets: shapes of docs/method.md, parameter counts equal to transformers' models."""
 
 import jax
 import jax.numpy as jnp

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from tests.support import MIXED_SKIPS, mixed_data, world_dir, write_mixed_items  # noqa: F401
+from tests.support import MIXED_SKIPS, write_mixed_items
 
 pytest.importorskip("apache_beam")
 

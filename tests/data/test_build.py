@@ -4,8 +4,7 @@ import os
 
 import numpy as np
 
-from tests.support import (MIXED_SKIPS, instruction_data, mixed_data, preference_data,  # noqa: F401
-                           prompt_data, qa_data, world_dir, write_mixed_items)
+from tests.support import MIXED_SKIPS, write_mixed_items
 from rlaif_jax.data import build as build_module
 from rlaif_jax.data import video
 from rlaif_jax.data.built import BuiltData

@@ -3,7 +3,6 @@ BPE tokenizer and a tiny SentencePiece LLaMA tokenizer (the path real Vicuna che
 import numpy as np
 import pytest
 
-from tests.support import llama_tokenizer, world_dir, world_tokenizer  # noqa: F401 (fixtures)
 from rlaif_jax.data import conversation, prompts
 
 TURNS = [

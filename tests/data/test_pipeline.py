@@ -4,8 +4,6 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from tests.support import (instruction_data, mixed_data, preference_data, prompt_data,  # noqa: F401
-                           qa_data, world_dir, world_tokenizer)
 from rlaif_jax.data import conversation, prompts
 from rlaif_jax.data.pipeline import Curriculum, Pipeline
 from rlaif_jax.data.video import sample_indices

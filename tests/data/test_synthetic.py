@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from tests.support import WORLD_ARGS, world_dir, world_tokenizer  # noqa: F401 (fixtures)
+from tests.support import WORLD_ARGS
 from rlaif_jax.data import conversation, prompts
 from rlaif_jax.data.synthetic import (answerable_specs, generate_rl_split, generate_world,
                                       load_truth, parse_question, preference, question_text,

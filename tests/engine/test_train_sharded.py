@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from rlaif_jax.parallel.mesh import ConfigError, make_mesh, mesh_shape
-from rlaif_jax.parallel.sharding import DEFAULT_RULES, check_replicated_share, replicated_share
+from rlaif_jax.parallel.sharding import DEFAULT_RULES, replicated_share
 from rlaif_jax.engine import optim
 from rlaif_jax.sft import loss as sft
 from rlaif_jax.engine import state as state_lib

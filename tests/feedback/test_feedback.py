@@ -16,7 +16,6 @@ from rlaif_jax.data.synthetic import load_truth
 from rlaif_jax.feedback import judge
 from rlaif_jax.feedback import records as feedback_records
 from rlaif_jax.feedback import stage as feedback
-from tests.support import prompt_data, world_dir, world_tokenizer  # noqa: F401
 from tests.support import feedback_settings, host_variables
 
 BATCH = 4

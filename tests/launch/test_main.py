@@ -54,7 +54,7 @@ def test_sigterm_then_rerun_resumes_exactly(tmp_path):
     common = [REVERSE, "--config.num_steps=60", "--config.log.every=1",
               "--config.checkpoint.every=25"]
     assert _run(common + [f"--config.workdir={whole}"]).returncode == 0
-    # The uninterrupted run: DESIGN.md's workdir layout, and it learned.
+    # The uninterrupted run: the workdir layout of docs/method.md, and it learned.
     stage = whole / "sft"
     assert (stage / "config.json").is_file() and list((stage / "tensorboard").iterdir())
     assert sorted(os.listdir(stage / "checkpoints"), key=int) == ["25", "50", "60"]

@@ -14,8 +14,7 @@ import rlaif_jax
 from configs import models
 from rlaif_jax.checkpoints.hf import abstract_params, clip_vision_config_to_hf
 from rlaif_jax.models.clip_vision import ClipVision, ClipVisionConfig, normalize_images
-from tests.support import (assert_close_scaled, clip_pixel_values, random_frames,
-                                save_tiny_hf_clip_vision, tiny_hf_clip_vision_config)
+from tests.support import (assert_close_scaled, clip_pixel_values, random_frames, save_tiny_hf_clip_vision, tiny_hf_clip_vision_config)
 
 
 @pytest.fixture(scope="module")

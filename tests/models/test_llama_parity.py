@@ -13,8 +13,7 @@ from safetensors.numpy import load_file, save_file
 
 import rlaif_jax
 from rlaif_jax.checkpoints.safetensors_io import CheckpointError
-from tests.support import (assert_close_scaled, hf_logits, left_padded_batch,
-                                save_tiny_hf_llama)
+from tests.support import assert_close_scaled, hf_logits, left_padded_batch, save_tiny_hf_llama
 
 VARIANTS = {
     "mha": {},

@@ -11,8 +11,7 @@ import pytest
 import rlaif_jax
 from rlaif_jax.models.lora import (LoraConfig, NamedAdapters, init_lora, merge_lora,
                                    with_lora_config)
-from tests.support import (left_padded_batch, random_frames, save_tiny_hf_llama,
-                                save_tiny_hf_llava)
+from tests.support import left_padded_batch, random_frames, save_tiny_hf_llama, save_tiny_hf_llava
 
 LORA = LoraConfig(rank=4, alpha=8.0)
 IDS, MASK = left_padded_batch(97, lengths=[8, 5], total=8, seed=11)

@@ -21,8 +21,7 @@ from rlaif_jax.models.projector import Projector
 from rlaif_jax.models.video_llm import (BatchError, VideoLLM, VideoLLMConfig,
                                         map_reference_image_token, pool_video_tokens,
                                         validate_batch)
-from tests.support import (TINY_LLAVA_VISION, assert_close_scaled, clip_pixel_values,
-                                random_frames, save_tiny_hf_llava)
+from tests.support import (TINY_LLAVA_VISION, assert_close_scaled, clip_pixel_values, random_frames, save_tiny_hf_llava)
 
 IMAGE_ID = 96  # inside the tiny vocabulary (97), as llava-hf adds <image> to its tokenizer
 PATCHES = 16  # 32 px images, 8 px patches

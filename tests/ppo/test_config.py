@@ -1,4 +1,4 @@
-"""configs/ppo.py presets: SPEC.md's numbers on vicuna7b, valid settings on every preset."""
+"""configs/ppo.py presets: docs/method.md's numbers on vicuna7b, valid settings on every preset."""
 
 import pytest
 

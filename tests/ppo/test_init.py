@@ -34,7 +34,6 @@ from rlaif_jax.ppo.init import load_actor_critic
 from rlaif_jax.ppo.prompts import rm_suffix_ids
 from rlaif_jax.rm.stage import build_rm_stage, pair_rewards
 from rlaif_jax.sft.stage import build_sft_stage
-from tests.support import world_dir  # noqa: F401
 from tests.support import override
 
 OPTIONS = LoopOptions(checkpoint_every=2, async_checkpoints=False, tensorboard=False,

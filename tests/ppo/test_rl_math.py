@@ -1,4 +1,4 @@
-"""PPO arithmetic against an independent NumPy implementation of SPEC.md's formulas.
+"""PPO arithmetic against an independent NumPy implementation of docs/method.md's formulas.
 
 The NumPy side is written with explicit per-row, per-column loops (the way the reference trainer
 reads), on random inputs with gapped masks (holes inside responses, not only right padding), in

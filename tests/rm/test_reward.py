@@ -13,9 +13,7 @@ from rlaif_jax.rm import data as rm_data
 from rlaif_jax.rm import model as rm_model
 from rlaif_jax.engine import state as state_lib
 from rlaif_jax.engine.step import make_train_step
-from tests.support import preference_data, world_dir, world_tokenizer  # noqa: F401
-from tests.support import (IMAGE_ID, host_variables, init_fn, random_preference_batch,
-                              tiny_reward_model)
+from tests.support import (IMAGE_ID, host_variables, init_fn, random_preference_batch, tiny_reward_model)
 
 LR = 1.0  # plain SGD: the update is the gradient itself, without float32 round-off
 ONE = {"data": 1, "fsdp": 1, "tensor": 1}

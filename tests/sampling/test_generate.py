@@ -18,7 +18,7 @@ from rlaif_jax.sampling.generate import (SamplingConfig, TextDecoder, _generate_
 from tests.support import left_padded_batch, save_tiny_hf_llama
 
 VOCAB = 97
-NEAR_TIE = 1e-4  # DESIGN.md: tokens identical up to the first step whose top-2 margin is below
+NEAR_TIE = 1e-4  # docs/method.md: tokens identical up to the first step whose top-2 margin is below
 
 
 @pytest.fixture(scope="module")

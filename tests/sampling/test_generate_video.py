@@ -13,7 +13,7 @@ from rlaif_jax.models.clip_vision import ClipVisionConfig  # noqa: E402
 from rlaif_jax.models.llama import LlamaConfig  # noqa: E402
 from rlaif_jax.sampling.generate import (SamplingConfig, VideoDecoder, decoder_for,  # noqa: E402
                                         generate, left_pad_to, sequence_logprobs)
-from tests.support import assert_close_scaled  # noqa: E402
+from tests.support import assert_close_scaled
 
 VOCAB, IMAGE_ID, FRAMES, SIZE = 97, 97, 3, 28
 

@@ -1,4 +1,4 @@
-"""Starting a stage from an earlier stage's checkpoint (stage 4, policy init, of SPEC.md).
+"""Starting a stage from an earlier stage's checkpoint (stage 4, policy init, of docs/method.md).
 
 - reverse task, text LLaMA: a LoRA r 4 stage, then a stage from it with its own r 8 adapter:
   the earlier adapter is merged into the base, the new one starts at zero, so the new stage's

@@ -44,7 +44,7 @@ def test_smoke_sft_evaluation_grades_every_question_type_with_blind_and_chance(s
     """What the smoke preset guarantees: the held-out evaluation at the last step grades every
     question type of the eval split, with the blind baseline and chance beside it. (It does not
     guarantee answers above chance: 60 steps on a 40-step tower are too few; the `tiny` preset's
-    SFT beats blind and chance, docs/training.md.)"""
+    SFT beats blind and chance, docs/log/training.md.)"""
     final = _records(smoke_workdir, "eval/exact_match")[-1]
     assert final["step"] == 60
     with open(os.path.join(smoke_workdir, "sft", "eval_answers_60.json")) as f:

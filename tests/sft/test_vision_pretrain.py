@@ -13,7 +13,6 @@ from rlaif_jax.models.clip_vision import ClipVisionConfig
 from rlaif_jax.sft import vision_pretrain
 from rlaif_jax.sft.vision_pretrain import (FRAME_TARGETS, TARGETS, frame_targets,
                                              pretrained_tower, visual_targets)
-from tests.support import world_dir  # noqa: F401  (fixture)
 
 
 def _target(targets: np.ndarray, name: str) -> int:

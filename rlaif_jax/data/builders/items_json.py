@@ -1,6 +1,6 @@
 """Reading the reference's JSON items, checking them, and turning them into tfds examples.
 
-Kinds (SPEC.md's formats):
+Kinds (docs/method.md's formats):
 - instruction: `{id, images|video, conversations}` (SFT, policy init, judge training)
 - preference:  `{images, conversations, output_1: {value}, output_2: {value}, preference: 1|2}`
 - prompt:      `{uid, images, conversations}`: PPO prompts, the first human turn is the prompt

@@ -45,9 +45,6 @@ class Score:
     score: float  # mean of the axes that apply
     correct: bool  # right answer (short) or a description without a single error or omission
 
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 def words(text: str) -> list[str]:
     return _WORD.findall(text.lower().replace("n't", " not"))
