@@ -5,7 +5,7 @@ PyTorch (`CLIPVisionModel` -> mlp2x_gelu projector -> spatio-temporal pooling ->
 Both sides: CLIP frozen (forward only, second-to-last layer's patch features), projector and
 LLaMA trained with AdamW, next-token cross entropy on the text positions, float32, the same
 dims and batch, runs alternated. Weights are random on each side (only time is compared here;
-tests/test_video_llm.py checks our outputs against transformers' LLaVA).
+tests/models/test_video_llm.py checks our outputs against transformers' LLaVA).
 
     python -m benchmarks.video_step [--frames 8 --image 224 --patch 16 --vision_width 256 ...]
 """

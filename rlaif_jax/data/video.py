@@ -159,6 +159,18 @@ def find_video_by_name(video_root: str, name: str) -> str:
     return direct
 
 
+def clip_frames(frames: np.ndarray, num_clips: int) -> np.ndarray:
+    """[B, T, ...] -> [B * num_clips, T, ...]: the frames cut into consecutive clips
+    (`np.array_split`, as the synthetic world cuts them), each resampled to T frames by linspace
+    (a short clip repeats frames), so the model sees a clip as it sees a video."""
+    batch, num_frames = frames.shape[:2]
+    parts = np.array_split(np.arange(num_frames), num_clips)
+    if any(len(p) == 0 for p in parts):
+        raise ValueError(f"cannot cut {num_frames} frames into {num_clips} clips")
+    clips = [frames[:, part[sample_indices(len(part), num_frames)]] for part in parts]
+    return np.stack(clips, axis=1).reshape((batch * num_clips,) + frames.shape[1:])
+
+
 def load_frames(source: str | Sequence[str], num_frames: int, size: int,
                 video_root: str = "") -> np.ndarray:
     """One call for every source kind: uint8 [num_frames, size, size, 3]."""

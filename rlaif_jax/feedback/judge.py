@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlaif_jax.data import conversation, prompts
-from rlaif_jax.data.video import sample_indices
+from rlaif_jax.data.video import clip_frames
 from rlaif_jax.models.llama import Llama
 from rlaif_jax.models.video_llm import is_video_model
 from rlaif_jax.parallel import sharding as su
@@ -73,18 +73,6 @@ class FeedbackSettings:
 
 # ---------------------------------------------------------------------------------------------
 # Pieces
-
-
-def clip_frames(frames: np.ndarray, num_clips: int) -> np.ndarray:
-    """[B, T, ...] -> [B * num_clips, T, ...]: the frames cut into consecutive clips
-    (`np.array_split`, as the synthetic world cuts them), each resampled to T frames by linspace
-    (a short clip repeats frames), so the model sees a clip as it sees a video."""
-    batch, num_frames = frames.shape[:2]
-    parts = np.array_split(np.arange(num_frames), num_clips)
-    if any(len(p) == 0 for p in parts):
-        raise ValueError(f"cannot cut {num_frames} frames into {num_clips} clips")
-    clips = [frames[:, part[sample_indices(len(part), num_frames)]] for part in parts]
-    return np.stack(clips, axis=1).reshape((batch * num_clips,) + frames.shape[1:])
 
 
 def decode_texts(tokens: np.ndarray, lengths: np.ndarray, has_eos: np.ndarray, tokenizer

@@ -118,7 +118,8 @@ def _left_pad(rows: list[list[int]], pad_id: int):
     return ids, mask
 
 
-def _make_batch(chunk, settings, pad: int, vision: bool, image_size: int, skipped, answers):
+def _make_batch(chunk, settings, pad: int, vision: bool, num_frames: int, image_size: int,
+                skipped, answers):
     """Static-shape batch for `chunk`: videos decoded now (an unreadable one is skipped and
     counted), a short batch filled with copies of its last prompt. Returns (batch, kept chunk)."""
     frames = []
@@ -127,11 +128,11 @@ def _make_batch(chunk, settings, pad: int, vision: bool, image_size: int, skippe
         for entry in chunk:
             index, _, source = entry
             if source is None:
-                frames.append(np.zeros((settings.num_frames, image_size, image_size, 3), np.uint8))
+                frames.append(np.zeros((num_frames, image_size, image_size, 3), np.uint8))
                 kept.append(entry)
                 continue
             try:
-                frames.append(video_io.load_frames(source, settings.num_frames, image_size,
+                frames.append(video_io.load_frames(source, num_frames, image_size,
                                                    settings.video_root))
                 kept.append(entry)
             except (video_io.VideoDecodeError, OSError) as error:
@@ -162,7 +163,7 @@ def _answer_text(tokens: np.ndarray, length: int, has_eos: bool, tokenizer) -> s
 class QuestionAnswerer:
     """A loaded model, its tokenizer and a mesh, answering questions in batches.
 
-    Shared by the `generate` stage (`run_generate`) and the evaluation runners. `config` holds
+    Shared by the `generate` stage (`run`) and the evaluation runners. `config` holds
     the fields of configs/generate.py that concern answering: init, tokenizer, dtype, template,
     batch_size, max_prompt_length, num_frames, video_root, seed, sampling, mesh.
     """
@@ -194,6 +195,9 @@ class QuestionAnswerer:
         self.has_vision = bool(getattr(self.decoder, "has_vision", False))
         self.image_id = model.config.image_token_id if self.has_vision else None
         self.image_size = model.config.vision.image_size if self.has_vision else 0
+        # 0: the frame count the model was trained with (its config), not a fixed default.
+        self.num_frames = (config.get("num_frames") or model.config.num_frames
+                           if self.has_vision else 0)
 
     def _prompt_ids(self, question: Any, video: Any) -> tuple[Optional[list], Optional[str]]:
         """(prompt ids, None) or (None, why the question is skipped)."""
@@ -243,7 +247,8 @@ class QuestionAnswerer:
             for start in range(0, len(pending), batch_size):
                 chunk = pending[start:start + batch_size]
                 batch, chunk_kept = _make_batch(chunk, self.settings, self.pad, self.has_vision,
-                                                self.image_size, skipped, answers)
+                                                self.num_frames, self.image_size, skipped,
+                                                answers)
                 if chunk_kept:
                     out = generate(self.decoder, self.variables, batch,
                                    jax.random.fold_in(key, start), self.sampling,

@@ -13,6 +13,7 @@ from rlaif_jax.data import conversation, prompts
 from rlaif_jax.data.builders import items_json
 from rlaif_jax.data.pipeline import Pipeline
 from rlaif_jax.data.synthetic import load_truth
+from rlaif_jax.data.video import clip_frames
 from rlaif_jax.feedback import judge
 from rlaif_jax.feedback import records as feedback_records
 from rlaif_jax.feedback import stage as feedback
@@ -50,7 +51,7 @@ def engine(world_tokenizer):  # noqa: F811
 
 def test_clips_cut_the_frames_in_order_and_repeat_them_to_the_video_length():
     frames = np.arange(2 * 8).reshape(2, 8, 1, 1, 1)  # frame value = its index (+ 8 per video)
-    clips = judge.clip_frames(frames, 3)
+    clips = clip_frames(frames, 3)
     assert clips.shape == (6, 8, 1, 1, 1)
     # array_split: frames 0-2, 3-5, 6-7, each resampled to 8 by linspace (rounded down).
     np.testing.assert_array_equal(clips[0, :, 0, 0, 0], [0, 0, 0, 0, 1, 1, 1, 2])

@@ -1,6 +1,7 @@
 """The user-facing inference run: QUESTIONS.json -> ANSWERS.json, checked against transformers."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -150,3 +151,17 @@ def test_video_questions_on_a_video_llm(tmp_path):
     assert all(isinstance(a["answer"], str) and a["answer"] for a in answers[:3])
     # The video is read: two different videos (or none) give different answers to one question.
     assert len({answers[0]["answer"], answers[1]["answer"], answers[2]["answer"]}) == 3
+
+
+def test_video_frames_default_to_the_models_own_count(smoke_workdir):
+    """configs/generate.py leaves num_frames 0: a stage's model answers at the frame count it
+    was trained with (the smoke world's 8), not a fixed 50."""
+    from rlaif_jax.inference.stage import QuestionAnswerer
+
+    cfg = generate_config.get_config("greedy")
+    assert cfg.num_frames == 0
+    cfg.init = os.path.join(smoke_workdir, "sft")
+    answerer = QuestionAnswerer(cfg)
+    assert answerer.num_frames == answerer.model.config.num_frames == 8
+    cfg.num_frames = 4
+    assert QuestionAnswerer(cfg).num_frames == 4

@@ -69,6 +69,11 @@ def _kinds(tokens: list[str], table: dict) -> list:
 
 # ----------------------------------------------------------------------------- short answers
 
+def named_colours(answer: str) -> list[str]:
+    """The colours an answer names, in order, without repeats (right iff exactly the true one)."""
+    return _kinds(words(answer), COLOUR_WORDS)
+
+
 def _grade_short(truth: dict, spec: dict, answer: str) -> bool:
     tokens = words(answer)
     kind = spec["type"]

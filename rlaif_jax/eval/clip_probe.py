@@ -1,0 +1,189 @@
+"""Whole video or one clip: how well a video LLM reads a time-localised fact.
+
+Whole-video spatio-temporal pooling blends a shape's colours over time; the tokens of a short
+clip do not. This probe measures what that costs, for every shape of the synthetic world's eval
+videos, greedy answers at the model's own frame count, graded by the world's scorer:
+
+- colour_start: "What colour is the X at the start?" of the whole video, against "What colour is
+  the X?" of the clip where X first shows (the frames cut into 3 clips as the feedback stage
+  cuts them, each resampled to the model's frame count);
+- colour_end: "... at the end?" of the whole video, against "What colour is the X?" of the last
+  clip;
+- change_when (shapes that change colour): "When does the X change colour?" of the whole video,
+  against the clip answers read in order (the change is in the first clip whose colour differs
+  from the clip before it).
+
+Rows split shapes that change colour from those that do not; each row has n, both accuracies
+and the paired gain with its standard error sqrt(var(clip - whole) / n). The world's start,
+middle and end are its three clips, so its time phrases line up with the clip boundaries: a
+favourable case for clips, which a real video's events need not be.
+
+    python -m rlaif_jax.eval.clip_probe WORKDIR/sft [--frames N] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import transformers
+
+from rlaif_jax.data import conversation
+from rlaif_jax.data.synthetic import generate as world_files
+from rlaif_jax.data.synthetic import scorer, text, world
+from rlaif_jax.data.video import clip_frames, load_frames
+from rlaif_jax.engine.pretrained import load_stage, stage_config, stage_tokenizer_dir
+from rlaif_jax.eval.synthetic_qa import EvalItem, answer_items
+from rlaif_jax.workdir.layout import WORLD
+
+NUM_CLIPS = world.NUM_CLIPS
+# (frames key, question): the frames key is (video name, None) for the whole video or
+# (video name, clip index); the answerer returns one greedy answer per question.
+Answerer = Callable[[Sequence[tuple[tuple[str, Optional[int]], str]]], list[str]]
+
+
+def _colour_question(shape: str, when: str = "") -> str:
+    spec = {"type": f"colour_{when}" if when else "colour", "shape": shape}
+    return text.question_text(spec)
+
+
+def _named(answer: str) -> Optional[str]:
+    colours = scorer.named_colours(answer)
+    return colours[0] if len(colours) == 1 else None
+
+
+def probe(truths: dict, answer: Answerer) -> list[dict]:
+    """One record per (video, shape, type): the whole-video and the clip route's hit (0 / 1)."""
+    asks: list[tuple[tuple[str, Optional[int]], str]] = []
+    for name, truth in sorted(truths.items()):
+        frames = truth["num_frames"]
+        ranges = world.clip_frame_ranges(frames, NUM_CLIPS)
+        for obj in truth["objects"]:
+            shape = obj["shape"]
+            asks += [((name, None), _colour_question(shape, "start")),
+                     ((name, None), _colour_question(shape, "end"))]
+            if obj["change_frame"] is not None:
+                asks.append(((name, None), text.question_text(
+                    {"type": "change_when", "shape": shape})))
+            for clip, clip_range in enumerate(ranges):
+                if clip_range[-1] >= obj["appear_frame"]:
+                    asks.append(((name, clip), _colour_question(shape)))
+    answers = dict(zip(asks, answer(asks)))
+    records = []
+    for name, truth in sorted(truths.items()):
+        frames = truth["num_frames"]
+        ranges = world.clip_frame_ranges(frames, NUM_CLIPS)
+        for obj in truth["objects"]:
+            shape, changes = obj["shape"], obj["change_frame"] is not None
+            first_clip = world.clip_of_frame(obj["appear_frame"], frames)
+            clip_colours = {clip: _named(answers[((name, clip), _colour_question(shape))])
+                            for clip in range(first_clip, len(ranges))}
+            start, end = world.colour_at(obj, obj["appear_frame"]), world.colour_at(obj, frames - 1)
+            base = {"video": name, "shape": shape, "changes_colour": changes}
+            records.append(dict(base, type="colour_start", truth=start, whole=float(
+                _named(answers[((name, None), _colour_question(shape, "start"))]) == start),
+                clip=float(clip_colours[first_clip] == start)))
+            records.append(dict(base, type="colour_end", truth=end, whole=float(
+                _named(answers[((name, None), _colour_question(shape, "end"))]) == end),
+                clip=float(clip_colours[len(ranges) - 1] == end)))
+            if changes:
+                bucket = world.time_bucket(obj["change_frame"], frames)
+                question = text.question_text({"type": "change_when", "shape": shape})
+                whole = scorer.score_answer(truth, question, answers[((name, None), question)])
+                said = next((world.TIME_BUCKETS[c] for c in range(first_clip + 1, len(ranges))
+                             if clip_colours[c] != clip_colours[c - 1]), None)
+                records.append(dict(base, type="change_when", truth=bucket,
+                                    whole=float(whole.correct), clip=float(said == bucket)))
+    return records
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """Rows by (type, changes colour): n, accuracies, paired gain (clip - whole) and its SE."""
+    rows = []
+    for kind in ("colour_start", "colour_end", "change_when"):
+        for changes in (True, False):
+            group = [r for r in records if r["type"] == kind and r["changes_colour"] == changes]
+            if not group:
+                continue
+            whole = np.array([r["whole"] for r in group])
+            clip = np.array([r["clip"] for r in group])
+            gain = clip - whole
+            se = float(np.std(gain, ddof=1) / np.sqrt(len(gain))) if len(gain) > 1 else float("nan")
+            rows.append({"type": kind, "changes_colour": changes, "n": len(group),
+                         "whole": float(whole.mean()), "clip": float(clip.mean()),
+                         "gain": float(gain.mean()), "gain_se": se})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| question | shapes | n | whole video | clip | gain (clip - whole) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['type']} | {'change colour' if r['changes_colour'] else 'keep colour'}"
+                     f" | {r['n']} | {r['whole']:.3f} | {r['clip']:.3f} | "
+                     f"{r['gain']:+.3f} +- {r['gain_se']:.3f} |")
+    return "\n".join(lines)
+
+
+def model_answerer(model, params, tokenizer, videos: dict, batch_size: int = 32,
+                   max_new_tokens: int = 16) -> Answerer:
+    """Greedy answers of a video LLM; `videos` maps a video name to its frames [T, S, S, 3]."""
+    clips = {name: clip_frames(frames[None], NUM_CLIPS) for name, frames in videos.items()}
+
+    def answer(asks):
+        keys = sorted({key for key, _ in asks}, key=lambda k: (k[0], -1 if k[1] is None else k[1]))
+        video_id = {key: i for i, key in enumerate(keys)}
+        prompts = [conversation.tokenize_prompt(conversation.video_question(q), tokenizer)
+                   for _, q in asks]
+        length = max(len(p) for p in prompts)
+        pad = tokenizer.pad_token_id or 0
+        items = []
+        for (key, question), ids in zip(asks, prompts):
+            name, clip = key
+            input_ids = np.full(length, pad, np.int32)
+            mask = np.zeros(length, np.int32)
+            input_ids[length - len(ids):], mask[length - len(ids):] = ids, 1
+            frames = videos[name] if clip is None else clips[name][clip]
+            items.append(EvalItem(video_name=name, question=question, answer="", spec={},
+                                  input_ids=input_ids, attention_mask=mask,
+                                  video=video_id[key], frames=frames))
+        return answer_items(model, {"params": params}, items, tokenizer, batch_size,
+                            max_new_tokens)
+
+    return answer
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("stage", help="a stage or step directory of a video LLM (e.g. WORKDIR/sft)")
+    parser.add_argument("--world", default="", help="the synthetic world (default: the "
+                        "stage's WORKDIR/data/world)")
+    parser.add_argument("--frames", type=int, default=0, help="0: the model's own frame count")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--json", default="", help="also write the rows and records here")
+    args = parser.parse_args(argv)
+    step_dir, _ = stage_config(args.stage)
+    world_dir = args.world or os.path.join(
+        os.path.dirname(os.path.dirname(os.path.dirname(step_dir))), WORLD)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(stage_tokenizer_dir(step_dir))
+    overrides = {"num_frames": args.frames} if args.frames else {}
+    model, params = load_stage(step_dir, tokenizer=tokenizer, **overrides)
+    num_frames, size = model.config.num_frames, model.config.vision.image_size
+    truths = {name: truth for name, truth in world_files.load_truth(world_dir).items()
+              if name.startswith("eval_")}
+    videos = {name: load_frames(os.path.join(world_dir, world_files.video_path(name)),
+                                num_frames, size) for name in sorted(truths)}
+    records = probe(truths, model_answerer(model, params, tokenizer, videos, args.batch_size))
+    rows = summarize(records)
+    print(f"{len(truths)} eval videos, {num_frames} frames, {NUM_CLIPS} clips "
+          f"({step_dir}):\n" + format_table(rows), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "records": records}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
