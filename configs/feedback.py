@@ -28,8 +28,11 @@ def _base() -> ml_collections.ConfigDict:
     c.batch_size = 16  # prompts a batch, all processes together
     c.max_prompt_length = 512  # longer prompts are skipped and counted
     c.prompt_bucket = 64
-    c.num_clips = 3  # the context: the frames cut into this many clips, each described
-    c.context = "clips"  # 'clips' or 'none' (the ablation: judge without a description)
+    c.answer_samples = 2  # answers sampled per prompt; the first two distinct ones are judged
+    c.num_clips = 3  # the context: the frames cut into this many clips
+    # 'describe': each clip described (the paper's narrative; 'clips' is its former name),
+    # 'question': the prompt's question answered on each clip, 'none': no context (the ablation)
+    c.context = "clips"
     c.measure_no_context = True  # with context, also judge without it (paired metric)
     c.margin = 0.1  # drop pairs with |P(answer 1) - P(answer 2)| below this
     # 'label': the judge replies "1" or "2" (the paper's). 'restate': it replies with the better

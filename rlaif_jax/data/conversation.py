@@ -10,7 +10,7 @@ SentencePiece alike.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -241,6 +241,19 @@ def tokenize_for_reward_model(question_turn: dict, response: str, tokenizer,
     last_kept = response_positions[-1] - (1 if keep_eos else 0)
     drop = np.arange(last_kept - excess + 1, last_kept + 1)
     return np.delete(ids_array, drop)
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad: int, length: Optional[int] = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mask) int32 [len(rows), length] of token rows left-padded with `pad` (generation
+    prompts end at the same slot); `length` defaults to the longest row."""
+    length = max(len(r) for r in rows) if length is None else length
+    ids = np.full((len(rows), length), pad, np.int32)
+    mask = np.zeros((len(rows), length), np.int32)
+    for i, row in enumerate(rows):
+        if len(row):
+            ids[i, length - len(row):], mask[i, length - len(row):] = row, 1
+    return ids, mask
 
 
 def video_question(question: str) -> dict:

@@ -138,17 +138,13 @@ def model_answerer(model, params, tokenizer, videos: dict, batch_size: int = 32,
         video_id = {key: i for i, key in enumerate(keys)}
         prompts = [conversation.tokenize_prompt(conversation.video_question(q), tokenizer)
                    for _, q in asks]
-        length = max(len(p) for p in prompts)
-        pad = tokenizer.pad_token_id or 0
+        input_ids, mask = conversation.left_pad(prompts, tokenizer.pad_token_id or 0)
         items = []
-        for (key, question), ids in zip(asks, prompts):
+        for row, (key, question) in enumerate(asks):
             name, clip = key
-            input_ids = np.full(length, pad, np.int32)
-            mask = np.zeros(length, np.int32)
-            input_ids[length - len(ids):], mask[length - len(ids):] = ids, 1
             frames = videos[name] if clip is None else clips[name][clip]
             items.append(EvalItem(video_name=name, question=question, answer="", spec={},
-                                  input_ids=input_ids, attention_mask=mask,
+                                  input_ids=input_ids[row], attention_mask=mask[row],
                                   video=video_id[key], frames=frames))
         return answer_items(model, {"params": params}, items, tokenizer, batch_size,
                             max_new_tokens)

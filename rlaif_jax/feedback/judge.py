@@ -1,11 +1,17 @@
 """The AI judge of the feedback stage: the SFT policy samples two answers, describes the video
 clip by clip (the context), and judges which answer is better in both orders.
 
-1. two answers are sampled from the policy (temperature sampling, one prefill shared by both);
-2. the context: the video's frames are cut into `num_clips` clips (each resampled to the model's
-   frame count, as the SFT data shows clips), the policy describes each clip with
-   `prompts.context_prompt()` (greedy), and the descriptions are joined
-   (`prompts.join_clip_descriptions`); one context per video, reused by its questions;
+1. `answer_samples` answers are sampled from the policy (temperature sampling, one prefill
+   shared by all) and the first two distinct ones are kept: chosen by their text alone, never
+   by the truth or the judge (with fewer than two distinct, the pair is dropped as identical);
+2. the context, built by the same policy from the video's frames cut into `num_clips` clips (each
+   resampled to the model's frame count, as the SFT data shows clips), greedy, joined as
+   "Clip 1: ... Clip 2: ..." (`prompts.join_clip_descriptions`):
+   - `describe`: each clip described with `prompts.context_prompt()`; one context per video,
+     reused by its questions (the paper's narrative; `clips` is its former name);
+   - `question`: the prompt's own question answered on each clip (a question-conditioned
+     context, as the authors' unreleased caption helpers condition on the question);
+   - `none`: no context (the ablation);
 3. the judge: the same policy reads the video, the question, both answers, the context and the
    principles (`prompts.judge_prompt`), and one forward pass gives its next-token log-probs of
    two choices: the labels `prompts.JUDGE_CHOICES` (`judge_reply='label'`, the paper's), or, when
@@ -34,7 +40,8 @@ from rlaif_jax.parallel import sharding as su
 from rlaif_jax.sampling.generate import SamplingConfig, bucket_length, decoder_for, generate
 
 
-CONTEXT_MODES = ("clips", "none")
+CONTEXT_MODES = ("question", "describe", "clips", "none")  # 'clips': the former 'describe'
+PER_VIDEO_CONTEXT = ("describe", "clips")  # contexts that do not depend on the question
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,10 +53,11 @@ class FeedbackSettings:
     """How the feedback stage samples, describes and judges; built from configs/feedback.py
     (`settings_from_config` in feedback/stage.py), which holds the defaults."""
 
-    answer_sampling: SamplingConfig  # num_samples is forced to 2
+    answer_sampling: SamplingConfig  # num_samples is set to answer_samples
     context_sampling: SamplingConfig  # num_samples is forced to 1
+    answer_samples: int  # answers sampled per prompt, of which two distinct ones are judged
     num_clips: int
-    context: str  # 'clips' or 'none' (the ablation)
+    context: str  # CONTEXT_MODES: 'question', 'describe' or 'none' (the ablation)
     measure_no_context: bool  # with context: also judge without it, for the metrics
     margin: float  # drop pairs with |P(1) - P(2)| below this (applied when writing)
     judge_reply: str  # prompts.JUDGE_REPLIES: a label, or the better answer restated
@@ -66,7 +74,10 @@ class FeedbackSettings:
             raise ValueError(f"num_clips={self.num_clips}: must be >= 1")
         if not 0.0 <= self.margin < 1.0:
             raise ValueError(f"margin={self.margin}: must be in [0, 1)")
-        object.__setattr__(self, "answer_sampling", self.answer_sampling.replace(num_samples=2))
+        if self.answer_samples < 2:
+            raise ValueError(f"answer_samples={self.answer_samples}: must be >= 2")
+        object.__setattr__(self, "answer_sampling",
+                           self.answer_sampling.replace(num_samples=self.answer_samples))
         object.__setattr__(self, "context_sampling",
                            self.context_sampling.replace(num_samples=1))
 
@@ -90,15 +101,6 @@ def question_of(turn: dict) -> str:
     return turn["value"].replace(prompts.IMAGE_TOKEN, "").strip()
 
 
-def _left_pad(rows: Sequence[np.ndarray], length: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.full((len(rows), length), pad, np.int32)
-    mask = np.zeros((len(rows), length), np.int32)
-    for i, row in enumerate(rows):
-        if len(row):
-            ids[i, length - len(row):], mask[i, length - len(row):] = row, 1
-    return ids, mask
-
-
 def _last_logits(model, variables, input_ids, attention_mask, video_tokens, has_video):
     """Next-token logits [B, V] after left-padded prompts (one forward, no cache)."""
     if is_video_model(model):
@@ -120,6 +122,14 @@ def _choice_logprobs(model, variables, input_ids, attention_mask, video_tokens, 
 
 
 _choice_logprobs_jit = jax.jit(_choice_logprobs, static_argnames=("model",))
+
+
+def distinct_pair(samples: Sequence[str]) -> tuple[str, str]:
+    """The first two samples whose texts differ (after surrounding spaces), in sampling order;
+    the first sample twice when all are the same."""
+    first = samples[0]
+    second = next((t for t in samples[1:] if t.strip() != first.strip()), first)
+    return first, second
 
 
 def restated_choice(human: dict, first: str, second: str, tokenizer
@@ -198,21 +208,26 @@ class AIFeedback:
 
     def sample_answers(self, input_ids, attention_mask, video_tokens, has_video, rng
                        ) -> list[tuple[str, str]]:
-        """Two sampled answers per left-padded prompt."""
+        """Two answers per left-padded prompt: the first two distinct of its samples."""
         texts = self._generate(input_ids, attention_mask, video_tokens, has_video, rng,
                                self.answer_sampling)
-        return [(texts[2 * i], texts[2 * i + 1]) for i in range(len(texts) // 2)]
+        k = self.settings.answer_samples
+        return [distinct_pair(texts[i * k:(i + 1) * k]) for i in range(len(texts) // k)]
 
     def describe(self, frames: np.ndarray, rng) -> list[str]:
         """The context of each video: its clips described one by one, then joined."""
-        clips = clip_frames(np.asarray(frames), self.settings.num_clips)
-        ids = conversation.tokenize_prompt(conversation.video_question(prompts.context_prompt()),
-                                           self.tokenizer)
-        input_ids = np.repeat(ids[None], len(clips), axis=0)
-        mask = np.ones_like(input_ids)
+        return self.clip_context(frames, [prompts.context_prompt()] * len(frames), rng)
+
+    def clip_context(self, frames: np.ndarray, questions: Sequence[str], rng) -> list[str]:
+        """Row i's context: `questions[i]` asked of each clip of video i, the clip answers
+        joined in order ("Clip 1: ... Clip 2: ...")."""
+        c = self.settings.num_clips
+        clips = clip_frames(np.asarray(frames), c)
+        rows = [conversation.tokenize_prompt(conversation.video_question(q), self.tokenizer)
+                for q in questions for _ in range(c)]
+        input_ids, mask = conversation.left_pad(rows, self.pad)
         texts = self._generate(input_ids, mask, self.encode(clips), np.ones(len(clips), bool),
                                rng, self.context_sampling)
-        c = self.settings.num_clips
         return [prompts.join_clip_descriptions(texts[i * c:(i + 1) * c])
                 for i in range(len(texts) // c)]
 
@@ -253,7 +268,7 @@ class AIFeedback:
         filler = present[0]
         flat = [p for r in rows for p in (r if r is not None else filler)]  # row i*2 + order
         length = bucket_length(max(len(ids) for ids, _ in flat), self.settings.prompt_bucket)
-        ids, mask = _left_pad([ids for ids, _ in flat], length, self.pad)
+        ids, mask = conversation.left_pad([ids for ids, _ in flat], self.pad, length)
         choices = np.stack([c for _, c in flat])
         tokens = flags = None
         if self.vision:

@@ -13,8 +13,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from rlaif_jax.data.synthetic import scorer
-from rlaif_jax.feedback.judge import apply_margin
+from rlaif_jax.data.synthetic import scorer, text
+from rlaif_jax.feedback.judge import apply_margin, question_of
 from rlaif_jax.workdir.files import atomic_write_text, read_jsonl
 
 
@@ -79,7 +79,7 @@ def summarize(records: Sequence[dict], margin: float) -> dict:
             out[f"feedback/agreement_with_truth{suffix}_decisive"] = float(np.mean(decisive))
             out[f"feedback/decisive_pairs{suffix}"] = len(decisive)
 
-    with_context = [r for r in judged if r["context_mode"] == "clips"]
+    with_context = [r for r in judged if r["context_mode"] != "none"]
     agreement(with_context, "p_output_1", "")
     agreement(judged, "p_output_1_no_context", "_no_context")
     agreement(kept, "p_output_1", "_kept")
@@ -87,7 +87,49 @@ def summarize(records: Sequence[dict], margin: float) -> dict:
     if truths:
         out["feedback/kept_true_preference_2_fraction"] = float(np.mean(
             [r["true_preference"] == 2 for r in truths]))
+    out.update(time_localised_agreement(judged))
     return out
+
+
+def question_type(record: dict) -> str:
+    """The synthetic world's type of a record's question (`describe` for anything else)."""
+    return text.parse_question(question_of(record["question_turn"]))["type"]
+
+
+def time_localised_agreement(judged: Sequence[dict]) -> dict:
+    """The judge with and without context on the same time-localised pairs (question types of
+    `text.TEMPORAL_TYPES`) whose truth is not a tie: both agreements with the truth, the pairs'
+    count and the paired standard error of the gain, sqrt(var(hit_ctx - hit_none) / n)."""
+    rows = [r for r in judged
+            if r["context_mode"] != "none" and r.get("p_output_1_no_context") is not None
+            and "true_preference" in r and r["true_scores"][0] != r["true_scores"][1]
+            and question_type(r) in text.TEMPORAL_TYPES]
+    if not rows:
+        return {}
+    with_context = np.array([(1 if r["p_output_1"] >= 0.5 else 2) == r["true_preference"]
+                             for r in rows], np.float64)
+    without = np.array([(1 if r["p_output_1_no_context"] >= 0.5 else 2) == r["true_preference"]
+                        for r in rows], np.float64)
+    gain = with_context - without
+    return {"feedback/agreement_with_truth_time_localised": float(with_context.mean()),
+            "feedback/agreement_with_truth_no_context_time_localised": float(without.mean()),
+            "feedback/pairs_time_localised": len(rows),
+            "feedback/agreement_gain_se_time_localised": float(
+                np.sqrt(np.var(gain, ddof=1) / len(rows)) if len(rows) > 1 else float("nan"))}
+
+
+def judged_item(record: dict) -> dict:
+    """One line of judged.jsonl: a judged pair, kept or not, with both judges' verdicts."""
+    p_none = record.get("p_output_1_no_context")
+    return {"id": record["id"], "question_type": question_type(record),
+            "question": question_of(record["question_turn"]),
+            "output_1": record["answers"][0], "output_2": record["answers"][1],
+            "context": record.get("context"), "true_scores": record.get("true_scores"),
+            "true_preference": record.get("true_preference"),
+            "preference": record["preference"], "confidence": record["confidence"],
+            "preference_no_context": None if p_none is None else (1 if p_none >= 0.5 else 2),
+            "confidence_no_context": None if p_none is None else max(p_none, 1.0 - p_none),
+            "kept": bool(record["kept"])}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,14 +28,14 @@ from rlaif_jax.data.builders.items_json import load_items
 from rlaif_jax.data.pipeline import Pipeline
 from rlaif_jax.engine.metrics import MetricsWriter
 from rlaif_jax.engine.pretrained import load_model
-from rlaif_jax.feedback.judge import (AIFeedback, FeedbackSettings, apply_margin, decide,
-                                      question_of)
-from rlaif_jax.feedback.records import (part_path, preference_item, read_records, summarize,
-                                        truth_of)
+from rlaif_jax.feedback.judge import (PER_VIDEO_CONTEXT, AIFeedback, FeedbackSettings,
+                                      apply_margin, decide, question_of)
+from rlaif_jax.feedback.records import (judged_item, part_path, preference_item, read_records,
+                                        summarize, truth_of)
 from rlaif_jax.parallel import sharding as su
 from rlaif_jax.parallel.mesh import ConfigError, make_mesh
 from rlaif_jax.sampling.generate import SamplingConfig
-from rlaif_jax.workdir.files import JsonlAppender, atomic_write_json
+from rlaif_jax.workdir.files import JsonlAppender, atomic_write_json, atomic_write_text
 from rlaif_jax.workdir.layout import resolve_init, world_dir, write_config
 
 
@@ -79,7 +79,7 @@ def run_batches(engine: AIFeedback, pipeline, items_by_id: dict, out_path: str, 
         turns = [conversation.first_human_turn(_turns(r)) if r else None for r in records_in]
         turns = [t if t is not None else turns[first] for t in turns]
         batch_contexts = None
-        if settings.context == "clips":
+        if settings.context in PER_VIDEO_CONTEXT:
             video_ids = [int(r["video"]) if r else -1 for r in records_in]
             if any(v not in contexts for v, t in zip(video_ids, todo) if t):
                 described = engine.describe(batch["frames"], jax.random.fold_in(key, 1))
@@ -87,10 +87,14 @@ def run_batches(engine: AIFeedback, pipeline, items_by_id: dict, out_path: str, 
                     if ok and v not in contexts:
                         contexts[v] = text
             batch_contexts = [contexts.get(v, "") for v in video_ids]
+        elif settings.context == "question":  # per prompt: its question asked of each clip
+            batch_contexts = engine.clip_context(batch["frames"],
+                                                 [question_of(t) for t in turns],
+                                                 jax.random.fold_in(key, 1))
         rows = engine.judge_rows(turns, answers, batch_contexts)
         p = engine.judge(rows, video_tokens, has_video)
         p_none = None
-        if settings.context == "clips" and settings.measure_no_context:
+        if settings.context != "none" and settings.measure_no_context:
             p_none = engine.judge(engine.judge_rows(turns, answers, None), video_tokens,
                                   has_video)
         finished = []
@@ -166,6 +170,7 @@ def settings_from_config(config) -> FeedbackSettings:
         context_sampling=SamplingConfig(max_new_tokens=c.max_new_tokens,
                                         temperature=float(c.temperature), top_k=c.top_k,
                                         top_p=float(c.top_p), prompt_bucket=config.prompt_bucket),
+        answer_samples=config.answer_samples,
         num_clips=config.num_clips, context=config.context, judge_reply=config.judge_reply,
         measure_no_context=config.measure_no_context, margin=float(config.margin),
         max_judge_length=config.max_judge_length, prompt_bucket=config.prompt_bucket)
@@ -237,6 +242,9 @@ def run(config, mesh=None) -> dict:
     records = apply_margin(records, settings.margin)
     kept = [preference_item(r) for r in records if r["kept"]]
     atomic_write_json(os.path.join(stage_dir, "preferences.json"), kept)
+    atomic_write_text(os.path.join(stage_dir, "judged.jsonl"), "".join(
+        json.dumps(judged_item(r), ensure_ascii=False) + "\n"
+        for r in records if r.get("p_output_1") is not None))
     metrics = summarize(records, settings.margin)
     for reason, count in pipeline.skipped.items():
         metrics[f"feedback/skipped_{reason}"] = count
@@ -250,6 +258,8 @@ def run(config, mesh=None) -> dict:
     print(f"[feedback] {len(kept)} preference pairs of {len(records)} prompts -> "
           f"{os.path.join(stage_dir, 'preferences.json')}", flush=True)
     for key in ("feedback/agreement_with_truth", "feedback/agreement_with_truth_no_context",
+                "feedback/agreement_with_truth_time_localised",
+                "feedback/agreement_with_truth_no_context_time_localised",
                 "feedback/agreement_with_truth_decisive",
                 "feedback/agreement_with_truth_no_context_decisive",
                 "feedback/kept_fraction", "feedback/mean_confidence"):

@@ -108,16 +108,6 @@ def read_questions(path: str) -> list:
 # The run
 
 
-def _left_pad(rows: list[list[int]], pad_id: int):
-    length = max(len(r) for r in rows)
-    ids = np.full((len(rows), length), pad_id, np.int32)
-    mask = np.zeros((len(rows), length), np.int32)
-    for i, row in enumerate(rows):
-        ids[i, length - len(row):] = row
-        mask[i, length - len(row):] = 1
-    return ids, mask
-
-
 def _make_batch(chunk, settings, pad: int, vision: bool, num_frames: int, image_size: int,
                 skipped, answers):
     """Static-shape batch for `chunk`: videos decoded now (an unreadable one is skipped and
@@ -146,7 +136,7 @@ def _make_batch(chunk, settings, pad: int, vision: bool, num_frames: int, image_
     rows = [ids for _, ids, _ in chunk]
     fill = settings.batch_size - len(rows)
     rows += [rows[-1]] * fill
-    input_ids, attention_mask = _left_pad(rows, pad)
+    input_ids, attention_mask = conversation.left_pad(rows, pad)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
     if vision:
         batch["frames"] = np.stack(frames + [frames[-1]] * fill)

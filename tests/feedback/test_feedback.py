@@ -179,3 +179,75 @@ def test_a_restating_judge_reads_where_the_answers_first_differ(world_tokenizer)
     assert choices[0] == world_tokenizer.eos_token_id
     _, choices = judge.restated_choice(human, "two", "two", world_tokenizer)  # same tokens
     assert choices[0] == choices[1]  # a tie: log_softmax over the two gives 1/2 each
+
+
+def test_pairs_are_the_first_two_distinct_samples_by_text_alone():
+    assert judge.distinct_pair(["red", " red", "blue", "green"]) == ("red", "blue")
+    assert judge.distinct_pair(["two", "two"]) == ("two", "two")  # dropped as identical
+
+
+def test_question_context_asks_each_clip_the_prompts_question(engine, monkeypatch):
+    engine = judge.AIFeedback(engine.model, engine.variables, engine.tokenizer,
+                              dataclasses.replace(engine.settings, context="question"))
+    seen = {}
+    monkeypatch.setattr(engine, "encode", lambda frames: seen.setdefault("frames", frames))
+
+    def generate(input_ids, attention_mask, video_tokens, has_video, rng, sampling):
+        seen["prompts"] = [engine.tokenizer.decode(ids[mask.astype(bool)])
+                           for ids, mask in zip(input_ids, attention_mask)]
+        return [f"answer {i}" for i in range(len(input_ids))]
+
+    monkeypatch.setattr(engine, "_generate", generate)
+    frames = np.arange(2 * 8).reshape(2, 8, 1, 1, 1).astype(np.uint8)
+    questions = ["What colour is the square at the end?", "How many shapes are in the video?"]
+    contexts = engine.clip_context(frames, questions, jax.random.PRNGKey(0))
+    assert contexts == ["Clip 1: answer 0 Clip 2: answer 1 Clip 3: answer 2",
+                        "Clip 1: answer 3 Clip 2: answer 4 Clip 3: answer 5"]
+    # Row 3 * video + clip asks video's question of that clip's frames only.
+    assert [q in p for q, p in zip([questions[0]] * 3 + [questions[1]] * 3, seen["prompts"])]
+    np.testing.assert_array_equal(seen["frames"], clip_frames(frames, 3))
+    assert all(p.count(q) == 1 for q, p in zip([questions[0]] * 3 + [questions[1]] * 3,
+                                                seen["prompts"]))
+
+
+def test_time_localised_agreement_pairs_the_two_judges_on_decisive_temporal_pairs():
+    def record(question, p_ctx, p_none, truth, scores=(1.0, 0.0)):
+        return {"question_turn": conversation.video_question(question), "context_mode": "question",
+                "p_output_1": p_ctx, "p_output_1_no_context": p_none, "true_preference": truth,
+                "true_scores": list(scores)}
+
+    end = "What colour is the square at the end?"
+    records = [record(end, 0.9, 0.2, 1), record(end, 0.8, 0.7, 1), record(end, 0.1, 0.6, 2),
+               record("When does the circle appear?", 0.3, 0.4, 1),
+               record(end, 0.9, 0.1, 1, scores=(0.5, 0.5)),  # a tie of the truth: left out
+               record("What colour is the square?", 0.9, 0.1, 1)]  # not time-localised
+    out = feedback_records.time_localised_agreement(records)
+    assert out["feedback/pairs_time_localised"] == 4
+    assert out["feedback/agreement_with_truth_time_localised"] == 0.75
+    assert out["feedback/agreement_with_truth_no_context_time_localised"] == 0.25
+    gain = np.array([1, 0, 1, 0], float)
+    assert out["feedback/agreement_gain_se_time_localised"] == pytest.approx(
+        np.sqrt(np.var(gain, ddof=1) / 4))
+
+
+@pytest.mark.parametrize("context", ["question", "describe"])
+def test_contexts_and_verdicts_never_see_the_truth(engine, prompt_data, world_dir, tmp_path,
+                                                   context):  # noqa: F811
+    """The RL prompts' truth only grades: shuffled, contexts and judge verdicts are the same."""
+    engine = judge.AIFeedback(engine.model, engine.variables, engine.tokenizer,
+                              dataclasses.replace(engine.settings, context=context))
+    pipe = Pipeline(prompt_data, "train", engine.tokenizer, BATCH, 256, shuffle=False)
+    with open(os.path.join(world_dir, "ppo_prompts.json")) as f:
+        items = {str(i["uid"]): i for i in json.load(f)}
+    truths = load_truth(world_dir)
+    names = sorted(truths)
+    shuffled = dict(zip(names, [truths[n] for n in names[1:] + names[:1]]))
+    runs = []
+    for index, given in enumerate((truths, shuffled)):
+        records = feedback.run_batches(engine, pipe, items, str(tmp_path / f"{index}.jsonl"),
+                                       jax.random.PRNGKey(0), given, progress=False,
+                                       stop_after=2)
+        runs.append([{k: r.get(k) for k in ("id", "answers", "context", "p_orders",
+                                             "p_output_1_no_context")} for r in records])
+    assert json.dumps(runs[0]) == json.dumps(runs[1])
+    assert all(r["context"].startswith("Clip 1:") for r in runs[0])
