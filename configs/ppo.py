@@ -38,6 +38,9 @@ def _base() -> ml_collections.ConfigDict:
     c.init = "stage:policy_init"  # policy (and reference) = this checkpoint
     c.rm_init = "stage:rm"
     c.run_missing_stages = True  # the main job: make what PPO needs first, saying so
+    # ...and the context ablation beside the RM: RMs on the same pairs labelled by the judge
+    # without context (WORKDIR/rm_no_context) and by the truth (WORKDIR/rm_oracle)
+    c.rm_controls = True
     c.chain_preset = ""  # the earlier stages' presets ('tiny' or 'smoke'); '' = from this one
     c.num_iterations = 40
     # 'rm' (RLAIF: WORKDIR/ppo) or 'truth' (the synthetic world's scorer: the true-reward
@@ -129,15 +132,19 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 # The main job's earlier stages (rlaif_jax/main_job.py runs each one whose output is missing):
 # stage -> (config module, preset) for each chain preset.
 CHAIN = {
-    "tiny": {"sft": (sft_configs, "tiny"), "policy_init": (sft_configs, "policy_init_tiny"),
-             "feedback": (feedback_configs, "tiny"), "rm": (rm_configs, "tiny")},
-    "smoke": {"sft": (sft_configs, "smoke"), "policy_init": (sft_configs, "policy_init_smoke"),
-              "feedback": (feedback_configs, "smoke"), "rm": (rm_configs, "smoke")},
-}
+    preset: {"sft": (sft_configs, preset), "policy_init": (sft_configs, f"policy_init_{preset}"),
+             "feedback": (feedback_configs, preset), "rm": (rm_configs, preset),
+             "rm_no_context": (rm_configs, preset), "rm_oracle": (rm_configs, preset)}
+    for preset in ("tiny", "smoke")}
 # Overrides of those presets within the chain. The tiny and smoke SFT models judge near 50/50
 # on many pairs, so feedback's confidence margin of 0.1 would leave the RM few pairs: the chain
 # keeps every judged pair.
 CHAIN_OVERRIDES = {("feedback", "smoke"): {"margin": 0.0}, ("feedback", "tiny"): {"margin": 0.0}}
+# The context ablation (config.rm_controls): the same pairs, labelled by the judge without
+# context, and by the truth (the oracle control).
+for _preset in CHAIN:
+    CHAIN_OVERRIDES[("rm_no_context", _preset)] = {"labels": "ai_no_context"}
+    CHAIN_OVERRIDES[("rm_oracle", _preset)] = {"labels": "truth"}
 
 
 def chain_preset(config: ml_collections.ConfigDict) -> str:

@@ -34,7 +34,9 @@ def _base() -> ml_collections.ConfigDict:
     c.preferences = ""  # '' = WORKDIR/feedback/preferences.json (the reference format)
     c.video_root = ""  # '' = the world
     c.tokenizer = ""  # '' = WORLD/tokenizer
-    c.labels = "ai"  # 'ai' (the judge's) or 'truth' (the scorer's: the oracle control)
+    # 'ai': the judge's (WORKDIR/rm); 'ai_no_context': the judge's without context (the context
+    # ablation, WORKDIR/rm_no_context); 'truth': the scorer's (the oracle control, rm_oracle)
+    c.labels = "ai"
     c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets=LORA_TARGETS))  # 0: full
     c.trainable = "params/(llm|reward_head)/.*"
     c.frozen = ""

@@ -28,14 +28,21 @@ import jax
 import ml_collections
 import numpy as np
 
+from rlaif_jax.engine.metrics import read_metrics
 from rlaif_jax.parallel.mesh import ConfigError
 from rlaif_jax.ppo.stage import REWARDS, PPORun, run_ppo
 from rlaif_jax.stages import run_stage
 from rlaif_jax.workdir.files import atomic_write_json, atomic_write_text, read_json
 from rlaif_jax.workdir.layout import latest_step, stage_done
 
-# What PPO needs, in the order it is made.
+# What PPO needs, in the order it is made; then, with config.rm_controls, the context ablation:
+# RMs on the same pairs labelled by the judge without context and by the truth.
 CHAIN = ("sft", "policy_init", "feedback", "rm")
+RM_CONTROLS = ("rm_no_context", "rm_oracle")
+RM_COLUMNS = (("vs truth", "eval/rm_accuracy_truth"),
+              ("vs truth, decisive", "eval/rm_accuracy_truth_decisive"),
+              ("vs the judge with context", "eval/rm_accuracy_ai"),
+              ("held-out pairs", "eval/heldout_pairs"))
 
 
 def run_missing_stages(config, chain_config: Optional[Callable[[str], ml_collections.ConfigDict]],
@@ -44,7 +51,7 @@ def run_missing_stages(config, chain_config: Optional[Callable[[str], ml_collect
     `chain_config(stage)` gives that stage's config for this job (workdir and seed set)."""
     workdir = os.path.abspath(config.workdir)
     ran = []
-    for stage in CHAIN:
+    for stage in CHAIN + (RM_CONTROLS if config.rm_controls else ()):
         directory = os.path.join(workdir, stage)
         if stage_done(workdir, stage):
             print(f"[main] {directory} is done: not redoing stage {stage}", flush=True)
@@ -68,6 +75,7 @@ def run(config, mesh, chain_config=None) -> dict:
     if config.run_missing_stages:
         run_missing_stages(config, chain_config)
     ppo_run, _ = run_ppo(config, mesh)
+    rm_table(config)
     if not config.eval.controls:
         return {}
     if config.reward == "rm":
@@ -77,6 +85,35 @@ def run(config, mesh, chain_config=None) -> dict:
               f"{os.path.join(os.path.abspath(config.workdir), REWARDS['truth'])}", flush=True)
         run_ppo(oracle, mesh, ppo_run.loaded)
     return {row["name"]: row["metrics"] for row in held_out_table(config, mesh, ppo_run)}
+
+
+def rm_table(config) -> str:
+    """The reward models side by side (last held-out evaluation of each), with the heuristic
+    baselines on the same pairs; written to WORKDIR/eval/rm_table.md and printed."""
+    workdir = os.path.abspath(config.workdir)
+    rows, baselines = [], {}
+    for stage in ("rm",) + RM_CONTROLS:
+        path = os.path.join(workdir, stage, "metrics.jsonl")
+        records = read_metrics(path, "eval/rm_accuracy_truth") if os.path.isfile(path) else []
+        if not records:
+            continue
+        last = records[-1]
+        rows.append(f"| {stage} | " + " | ".join(
+            "-" if last.get(key) is None else f"{last[key]:.3f}" if "pairs" not in key
+            else f"{int(last[key])}" for _, key in RM_COLUMNS) + " |")
+        baselines = {k: v for k, v in last.items() if k.startswith("eval/baseline_")}
+    if not rows:
+        return ""
+    text = ("| reward model | " + " | ".join(t for t, _ in RM_COLUMNS) + " |\n|---|"
+            + "---|" * len(RM_COLUMNS) + "\n" + "\n".join(rows))
+    if baselines:
+        text += "\n\nheuristics on the same pairs, vs truth: " + ", ".join(
+            f"{k[len('eval/baseline_'):-len('_accuracy_truth')]} {v:.3f}"
+            for k, v in sorted(baselines.items()))
+    if jax.process_index() == 0:
+        atomic_write_text(os.path.join(workdir, "eval", "rm_table.md"), text + "\n")
+        print("[table] reward models on their held-out pairs:\n" + text, flush=True)
+    return text
 
 
 def results_row(name: str, metrics: dict, suffix: str = "") -> dict:

@@ -40,11 +40,12 @@ def test_main_job_runs_the_missing_stages_in_order_then_ppo(main_job):
     workdir, out, _ = main_job
     announced = [line for line in out.splitlines() if "running stage" in line]
     assert [line.split("running stage ")[1].split()[0] for line in announced] == [
-        "policy_init", "feedback", "rm"]  # sft was there: not redone
+        "policy_init", "feedback", "rm", "rm_no_context", "rm_oracle"]  # sft was there
     assert "not redoing stage sft" in out
-    for stage in ("policy_init", "rm"):
+    for stage in ("policy_init", "rm", "rm_no_context", "rm_oracle"):
         assert os.listdir(os.path.join(workdir, stage, "checkpoints"))
-    assert json.load(open(os.path.join(workdir, "feedback", "preferences.json")))
+    preferences = json.load(open(os.path.join(workdir, "feedback", "preferences.json")))
+    assert preferences and all(p["preference_no_context"] in (1, 2) for p in preferences)
     for stage in ("ppo", "ppo_oracle"):
         assert sorted(os.listdir(os.path.join(workdir, stage, "checkpoints")))[-1] == "4"
         records = _metrics(os.path.join(workdir, stage, "metrics.jsonl"))
@@ -72,10 +73,33 @@ def test_main_job_prints_the_held_out_table(main_job):
         assert "synthetic_qa" in result["tasks"]
 
 
+def test_main_job_runs_the_context_ablation_beside_the_rm(main_job):
+    """Three RMs on the same held-out pairs: the judge's labels with context, without, and the
+    truth; with the heuristic baselines on those pairs; judged.jsonl holds every judged pair."""
+    workdir, out, _ = main_job
+    last = {}
+    for stage in ("rm", "rm_no_context", "rm_oracle"):
+        records = _metrics(os.path.join(workdir, stage, "metrics.jsonl"))
+        last[stage] = [r for r in records if "eval/rm_accuracy_truth" in r][-1]
+        assert 0.0 <= last[stage]["eval/rm_accuracy_truth"] <= 1.0
+        assert 0.0 <= last[stage]["eval/baseline_longer_accuracy_truth"] <= 1.0
+    assert len({last[s]["eval/heldout_pairs"] for s in last}) == 1
+    assert len({last[s]["eval/baseline_first_accuracy_truth"] for s in last}) == 1
+    assert "[table] reward models" in out and "| rm_no_context |" in out
+    feedback = _metrics(os.path.join(workdir, "feedback", "metrics.jsonl"))[-1]
+    assert "feedback/pairs_time_localised" in feedback
+    with open(os.path.join(workdir, "feedback", "judged.jsonl")) as f:
+        judged = [json.loads(line) for line in f]
+    assert judged and len(judged) == feedback["feedback/judged"]
+    assert set(judged[0]) >= {"id", "question_type", "output_1", "output_2", "true_scores",
+                              "preference", "confidence", "preference_no_context",
+                              "confidence_no_context", "kept"}
+
+
 def test_rerun_resumes_instead_of_redoing(main_job):
     workdir, first, second = main_job
     assert "running stage" not in second
-    for stage in ("sft", "policy_init", "feedback", "rm"):
+    for stage in ("sft", "policy_init", "feedback", "rm", "rm_no_context", "rm_oracle"):
         assert f"not redoing stage {stage}" in second
     assert "[ppo] done already" in second and "[ppo_oracle] done already" in second
     # No PPO iteration ran twice; the table came back from the eval files unchanged.

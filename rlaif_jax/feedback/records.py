@@ -38,7 +38,8 @@ def truth_of(truths: Optional[dict], images: Any, question: str, a1: str, a2: st
 
 
 def preference_item(record: dict) -> dict:
-    """A kept record in the reference's preference format (+ confidence, id, truth)."""
+    """A kept record in the reference's preference format (+ confidence, id, the no-context
+    judge's preference, and on the synthetic world the truth, for grading and the oracle)."""
     item = {"id": record["id"], "images": record["images"],
             "conversations": [record["question_turn"], {"from": "gpt", "value": ""}],
             "output_1": {"value": record["answers"][0]},
@@ -47,6 +48,9 @@ def preference_item(record: dict) -> dict:
     for key in ("true_preference", "true_scores"):
         if key in record:
             item[key] = record[key]
+    p_none = record.get("p_output_1_no_context")
+    if p_none is not None:  # the no-context judge's verdict (the context ablation's RM)
+        item["preference_no_context"] = 1 if p_none >= 0.5 else 2
     return item
 
 
@@ -105,7 +109,7 @@ def time_localised_agreement(judged: Sequence[dict]) -> dict:
             and "true_preference" in r and r["true_scores"][0] != r["true_scores"][1]
             and question_type(r) in text.TEMPORAL_TYPES]
     if not rows:
-        return {}
+        return {"feedback/pairs_time_localised": 0}
     with_context = np.array([(1 if r["p_output_1"] >= 0.5 else 2) == r["true_preference"]
                              for r in rows], np.float64)
     without = np.array([(1 if r["p_output_1_no_context"] >= 0.5 else 2) == r["true_preference"]

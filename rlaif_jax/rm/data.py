@@ -7,7 +7,7 @@ from __future__ import annotations
 import collections
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -17,7 +17,12 @@ from rlaif_jax.parallel.mesh import ConfigError
 from rlaif_jax.workdir.files import atomic_write_json
 from rlaif_jax.workdir.layout import resolve_init, world_dir
 
-LABELS = ("ai", "truth")
+# Which preference the RM learns, and the stage directory it trains in: the judge's with context
+# (RLAIF), the same judge's without context (the paper's context ablation), the truth (the
+# oracle control; the synthetic world only).
+LABELS = {"ai": "rm", "ai_no_context": "rm_no_context", "truth": "rm_oracle"}
+LABEL_KEYS = {"ai": "preference", "ai_no_context": "preference_no_context",
+              "truth": "true_preference"}
 
 
 def check_preference_item(item: Any) -> str | None:
@@ -38,20 +43,26 @@ def _video_key(item: dict) -> str:
     return json.dumps(images, sort_keys=True)
 
 
+def longer_answer(item: dict) -> Optional[int]:
+    """1 or 2: the answer with more words (a heuristic baseline); None when they tie."""
+    lengths = [len(item[key]["value"].split()) for key in ("output_1", "output_2")]
+    return None if lengths[0] == lengths[1] else 1 + int(lengths[1] > lengths[0])
+
+
 def split_preferences(items: Sequence[Any], labels: str, heldout_fraction: float,
                       heldout_max: int, seed: int) -> tuple[list, list, dict, dict]:
     """(train items, held-out items, {id: {'ai', 'truth', 'decisive'}}, skip counts).
 
     Items are checked (missing output, invalid preference: skipped and counted), given an id if
-    they have none, labelled with the AI's or the true preference (labels='truth': the oracle
-    control; items without a truth are skipped), and split by video so that no held-out video
+    they have none, labelled as `labels` says (LABELS: the judge's preference with or without
+    context, or the truth; items without that label are skipped), and split by video so that no held-out video
     was seen in training."""
     skipped: collections.Counter = collections.Counter()
     usable, table = [], {}
     for position, item in enumerate(items):
         reason = check_preference_item(item)
-        if reason is None and labels == "truth" and item.get("true_preference") not in (1, 2):
-            reason = "no_truth"
+        if reason is None and labels != "ai" and item.get(LABEL_KEYS[labels]) not in (1, 2):
+            reason = "no_truth" if labels == "truth" else "no_label_without_context"
         if reason:
             skipped[reason] += 1
             continue
@@ -63,9 +74,9 @@ def split_preferences(items: Sequence[Any], labels: str, heldout_fraction: float
         scores = item.get("true_scores")
         table[item["id"]] = {"ai": int(item["preference"]),
                              "truth": int(truth) if truth in (1, 2) else None,
-                             "decisive": bool(scores and scores[0] != scores[1])}
-        if labels == "truth":
-            item["preference"] = int(truth)
+                             "decisive": bool(scores and scores[0] != scores[1]),
+                             "longer": longer_answer(item)}
+        item["preference"] = int(item[LABEL_KEYS[labels]])
         usable.append(item)
     videos = sorted({_video_key(item) for item in usable})
     order = np.random.default_rng(seed).permutation(len(videos))
@@ -125,7 +136,7 @@ def resolve_paths(config) -> dict:
              "video_root": config.video_root or world,
              "tokenizer": config.tokenizer or os.path.join(world, "tokenizer")}
     if config.labels not in LABELS:
-        raise ConfigError(f"labels={config.labels!r}: expected one of {LABELS}")
+        raise ConfigError(f"labels={config.labels!r}: expected one of {sorted(LABELS)}")
     if not os.path.isfile(paths["preferences"]):
         raise ConfigError(f"preference file {paths['preferences']} does not exist (run the "
                           "feedback stage first, or set config.preferences)")

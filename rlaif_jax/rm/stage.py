@@ -26,7 +26,7 @@ from rlaif_jax.engine.step import make_eval_fn, make_train_step
 from rlaif_jax.models.video_llm import is_video_model
 from rlaif_jax.parallel.mesh import ConfigError
 from rlaif_jax.parallel.sharding import global_batch, make_rules
-from rlaif_jax.rm.data import prepare_data, resolve_paths
+from rlaif_jax.rm.data import LABELS, prepare_data, resolve_paths
 from rlaif_jax.rm.model import make_rm_loss, pair_rewards
 
 
@@ -43,12 +43,13 @@ def heldout_verdicts(score_batch, pipeline):
 
 
 def rm_eval(eval_fn, pipeline, table: dict, mesh) -> dict:
-    """Pairwise accuracy on the held-out split against the AI labels and the truth (a tie of
-    the two rewards counts one half)."""
+    """Pairwise accuracy on the held-out split against the AI labels (the judge with context)
+    and the truth (a tie of the two rewards counts one half), beside two heuristic baselines
+    against the truth: always the longer answer, always answer 1."""
     def score_batch(local):
         return multihost_utils.process_allgather(eval_fn(global_batch(local, mesh)), tiled=True)
 
-    hits = collections.defaultdict(list)
+    hits, baselines = collections.defaultdict(list), collections.defaultdict(list)
     for record, said, margin in heldout_verdicts(score_batch, pipeline):
         labels = table[record["id"]]
         for name in ("ai", "truth"):
@@ -58,7 +59,13 @@ def rm_eval(eval_fn, pipeline, table: dict, mesh) -> dict:
                 if name == "truth" and labels["decisive"]:
                     hits["truth_decisive"].append(hit)
         hits["margin"].append(margin)
+        if labels["truth"] is not None:  # heuristic baselines on the same pairs
+            longer = labels.get("longer")
+            baselines["longer"].append(0.5 if longer is None else float(longer == labels["truth"]))
+            baselines["first"].append(float(labels["truth"] == 1))
     out = {f"eval/rm_accuracy_{k}": float(np.mean(v)) for k, v in hits.items() if k != "margin"}
+    out.update({f"eval/baseline_{k}_accuracy_truth": float(np.mean(v))
+                for k, v in baselines.items()})
     out["eval/heldout_pairs"] = float(len(hits["margin"]))
     out["eval/mean_abs_margin"] = float(np.mean(hits["margin"])) if hits["margin"] else 0.0
     return out
@@ -72,7 +79,7 @@ def build_rm_stage(config, mesh):
                           f"accum_steps and eval.batch_size={config.eval.batch_size} of data*fsdp "
                           f"(data*fsdp = {rows_split}, accum_steps = {config.accum_steps})")
     paths = resolve_paths(config)
-    name = "rm" if config.labels == "ai" else "rm_oracle"
+    name = LABELS.get(config.labels, "rm")
     stage_dir = os.path.join(os.path.abspath(config.workdir), name)
     lora = config.lora.to_dict() if config.lora.rank > 0 else None
     tokenizer = transformers.AutoTokenizer.from_pretrained(paths["tokenizer"])
@@ -146,6 +153,6 @@ def build_rm_stage(config, mesh):
 
 
 def run(config, mesh) -> dict:
-    """The RM stage into WORKDIR/rm (AI labels) or WORKDIR/rm_oracle (true labels)."""
+    """The RM stage into WORKDIR/rm, rm_no_context or rm_oracle (rm/data.py LABELS)."""
     stage, directory, _ = build_rm_stage(config, mesh)
     return train(stage, directory, config)

@@ -177,12 +177,25 @@ def test_bad_preference_items_are_skipped_and_counted_and_videos_split():
     assert len(train) + len(heldout) == 21 and len(heldout) == 4
     videos = lambda rows: {r["images"] for r in rows}  # noqa: E731
     assert not videos(train) & videos(heldout)  # held-out videos never seen in training
-    assert table["p1"] == {"ai": 2, "truth": 1, "decisive": True}
+    assert table["p1"] == {"ai": 2, "truth": 1, "decisive": True, "longer": None}
     # The oracle control: the same pairs labelled by the truth; pairs without one are skipped.
     train, heldout, table, skipped = rm_data.split_preferences(items, "truth", 0.2, 2, seed=0)
     assert skipped["no_truth"] == 1 and len(heldout) == 2  # heldout_max caps the split
     assert all(r["preference"] == table[r["id"]]["truth"] for r in train + heldout)
     assert any(table[r["id"]]["ai"] != r["preference"] for r in train)
+    # The context ablation: the judge's verdict without context; pairs without one are skipped.
+    ablation = [dict(item, preference_no_context=3 - item["preference"]) for item in good]
+    train, heldout, table, skipped = rm_data.split_preferences(
+        ablation + [good[0] | {"id": "p99"}], "ai_no_context", 0.2, 500, seed=0)
+    assert skipped == {"no_label_without_context": 1}
+    assert all(r["preference"] != table[r["id"]]["ai"] for r in train + heldout)
+
+
+def test_the_longer_answer_baseline_counts_words():
+    pair = _pair(0, "v0")
+    assert rm_data.longer_answer(pair) is None  # "red" / "blue": one word each
+    pair["output_2"] = {"value": "a blue one"}
+    assert rm_data.longer_answer(pair) == 2
 
 
 def test_reward_model_rows_are_the_pipelines_preference_rows(
