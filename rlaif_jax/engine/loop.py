@@ -75,13 +75,16 @@ class Stage:
 
 @dataclasses.dataclass
 class LoopOptions:
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 3
-    async_checkpoints: bool = True
-    log_every: int = 10  # metrics are fetched from the device every N steps (no sync between)
-    eval_every: int = 0  # 0: only at the end; < 0: never
-    tensorboard: bool = True
-    progress: bool = True
+    """How the loop saves, logs and evaluates; stages build it from their config
+    (`from_config`: the `checkpoint` and `log` sections, configs/common.py's defaults)."""
+
+    checkpoint_every: int
+    keep_checkpoints: int
+    async_checkpoints: bool
+    log_every: int  # metrics are fetched from the device every N steps (no sync between)
+    eval_every: int  # 0: only at the end; < 0: never
+    tensorboard: bool
+    progress: bool
 
     @classmethod
     def from_config(cls, config) -> "LoopOptions":

@@ -40,7 +40,7 @@ def _stage(losses, on_step=None, num_steps=8):
 
 
 OPTIONS = LoopOptions(checkpoint_every=4, keep_checkpoints=2, async_checkpoints=False,
-                      log_every=3, tensorboard=False, progress=False)
+                      log_every=3, eval_every=0, tensorboard=False, progress=False)
 
 
 def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):

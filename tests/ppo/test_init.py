@@ -36,8 +36,8 @@ from rlaif_jax.rm.stage import build_rm_stage, pair_rewards
 from rlaif_jax.sft.stage import build_sft_stage
 from tests.support import override
 
-OPTIONS = LoopOptions(checkpoint_every=2, async_checkpoints=False, tensorboard=False,
-                      progress=False)
+OPTIONS = LoopOptions(checkpoint_every=2, keep_checkpoints=3, async_checkpoints=False,
+                      log_every=10, eval_every=0, tensorboard=False, progress=False)
 VALUE_LORA = dict(rank=4, alpha=8.0, targets="(q_proj|v_proj)")
 
 

@@ -41,8 +41,8 @@ def test_new_adapter_over_merged_earlier_adapter(tmp_path):
                     **{"model.lora.rank": 4, "model.lora.alpha": 8.0, "optim.lr": 3e-2})
     no_eval = dataclasses.replace(build_sft_stage(first, mesh), evaluate=None)
     run_stage(no_eval, str(tmp_path / "sft"),
-              LoopOptions(checkpoint_every=6, async_checkpoints=False, tensorboard=False,
-                          progress=False))
+              LoopOptions(checkpoint_every=6, keep_checkpoints=3, async_checkpoints=False,
+                          log_every=10, eval_every=0, tensorboard=False, progress=False))
     second = _config("reverse", workdir=str(tmp_path), stage="policy_init", init="stage:sft",
                      trainable="lora/.*", max_replicated_share=1.0, **{"model.lora.rank": 8, "model.lora.alpha": 16.0})
     stage = build_sft_stage(second, mesh)
