@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from rlaif_jax.models import kv_cache
-from rlaif_jax.models.attention import (causal_block_attention, chunk_attention,
-                                         decode_attention, dot_product_attention)
+from rlaif_jax.models.attention import chunk_attention, decode_attention
+from rlaif_jax.models.fused_attention import IMPLEMENTATIONS, causal_attention, resolve
 from rlaif_jax.models.config_base import DtypeConfig
 from rlaif_jax.models.kv_cache import init_cache
 from rlaif_jax.models.lora import LoraConfig, Projection
@@ -60,9 +60,14 @@ class LlamaConfig(DtypeConfig):
     # one layer.
     scan_unroll: int = 1
     remat_policy: str = "none"
-    # > 0: full-sequence forwards (no KV cache) split queries into blocks of this many tokens
-    # that skip the masked upper triangle (models/attention.py); 0: dense attention.
+    # How full-sequence forwards (training, scoring, prefill) attend: one of
+    # fused_attention.IMPLEMENTATIONS ('auto' picks per platform; see models/fused_attention.py).
+    attention_impl: str = "auto"
+    # > 0: the 'blocked' implementation's query blocks (tokens), which skip the masked upper
+    # triangle (models/attention.py); 'auto' on CPU uses it when > 0, else dense 'xla'.
     attention_block: int = 0
+    # Run the Pallas kernels ('splash', 'pallas_gpu') in the Pallas interpreter (CPU tests).
+    attention_interpret: bool = False
     lora: LoraConfig = LoraConfig()
 
     def __post_init__(self):
@@ -73,6 +78,11 @@ class LlamaConfig(DtypeConfig):
         if self.scan_unroll < 1 or self.num_layers % self.scan_unroll:
             raise ValueError(f"scan_unroll={self.scan_unroll} does not divide "
                              f"num_layers={self.num_layers}")
+        if self.attention_impl not in IMPLEMENTATIONS:
+            raise ValueError(f"attention_impl={self.attention_impl!r}: expected one of "
+                             f"{IMPLEMENTATIONS}")
+        if self.attention_impl == "blocked" and self.attention_block <= 0:
+            raise ValueError("attention_impl='blocked' needs attention_block > 0 (its block size)")
         if self.num_heads % self.kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.kv_heads}")
@@ -145,7 +155,8 @@ class Attention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, mask, cos, sin, cache=None, layer_index=None, cache_index=None):
+    def __call__(self, x, mask, token_mask, cos, sin, cache=None, layer_index=None,
+                 cache_index=None):
         """Returns (output, (k, v)): this chunk's keys and values [B, L, kv_heads, head_dim],
         which the caller writes into the cache after the layer loop. With a cache (the whole
         [layers, ...] buffer, as it was before this chunk) the chunk attends over the layer's
@@ -167,7 +178,7 @@ class Attention(nn.Module):
         if cache is None or slots == length:
             # No cache, or a chunk that fills the whole cache from slot 0 (a prefill): causal
             # attention of the chunk over itself.
-            out = self.full_sequence_attention(q, k, v, mask)
+            out = self.full_sequence_attention(q, k, v, mask, token_mask)
         else:
             # The cache does not hold this chunk yet: attend over its earlier slots plus the
             # chunk's own keys (the slots being written are masked out of the cached part).
@@ -183,12 +194,16 @@ class Attention(nn.Module):
         out = Projection(cfg.hidden_size, ("heads", "embed"), name="o_proj", **proj)(out)
         return out, (k, v)
 
-    def full_sequence_attention(self, q, k, v, mask):
-        """Causal attention of a whole sequence over itself (training forwards, prefill)."""
-        block = self.config.attention_block
-        if 0 < block < q.shape[1]:
-            return causal_block_attention(q, k, v, mask, block)
-        return dot_product_attention(q, k, v, mask=mask)
+    def full_sequence_attention(self, q, k, v, mask, token_mask):
+        """Causal attention of a whole sequence over itself (training forwards, prefill), by
+        `attention_impl`. mask: the dense [B, 1, T, T] mask; token_mask [B, T]: real tokens."""
+        cfg = self.config
+        impl = resolve(cfg.attention_impl, cfg.compute_dtype, cfg.dim_per_head,
+                       cfg.attention_block)
+        if impl == "blocked" and not 0 < cfg.attention_block < q.shape[1]:
+            impl = "xla"  # one block would be the dense computation
+        return causal_attention(q, k, v, token_mask, mask, impl, cfg.attention_block,
+                                interpret=cfg.attention_interpret)
 
 
 class MLP(nn.Module):
@@ -213,13 +228,13 @@ class DecoderLayer(nn.Module):
     collect_hidden: bool = False
 
     @nn.compact
-    def __call__(self, x, mask, cos, sin, layer_index, cache, cache_index):
+    def __call__(self, x, mask, token_mask, cos, sin, layer_index, cache, cache_index):
         cfg = self.config
         norm = dict(eps=cfg.rms_norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
         attn_out, new_kv = Attention(cfg, name="self_attn")(
-            RMSNorm(name="input_layernorm", **norm)(x), mask, cos, sin, cache, layer_index,
-            cache_index)
+            RMSNorm(name="input_layernorm", **norm)(x), mask, token_mask, cos, sin, cache,
+            layer_index, cache_index)
         x = x + attn_out
         x = x + MLP(cfg, name="mlp")(RMSNorm(name="post_attention_layernorm", **norm)(x))
         x = x.astype(cfg.compute_dtype)
@@ -257,8 +272,8 @@ class Llama(nn.Module):
                 layer_cls,
                 variable_axes={"params": 0, "lora": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast,
-                         nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0,
+                         nn.broadcast, nn.broadcast),
                 length=cfg.num_layers,
                 unroll=cfg.scan_unroll,
                 metadata_params={nn.PARTITION_NAME: "layers"},
@@ -330,15 +345,15 @@ class Llama(nn.Module):
         layer_outputs = []
         layer_indices = jnp.arange(cfg.num_layers, dtype=jnp.int32)
         if cfg.scan_layers:
-            x, (new_kv, stacked) = self.layers(x, mask, cos, sin, layer_indices, cache,
-                                               cache_index)
+            x, (new_kv, stacked) = self.layers(x, mask, attention_mask, cos, sin, layer_indices,
+                                               cache, cache_index)
             if self.output_hidden_states:
                 layer_outputs = [stacked[i] for i in range(cfg.num_layers)]
         else:
             per_layer = []
             for i, layer in enumerate(self.layer_list):
-                x, (layer_kv, hidden) = layer(x, mask, cos, sin, layer_indices[i], cache,
-                                              cache_index)
+                x, (layer_kv, hidden) = layer(x, mask, attention_mask, cos, sin, layer_indices[i],
+                                              cache, cache_index)
                 per_layer.append(layer_kv)
                 layer_outputs.append(hidden)
             new_kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
