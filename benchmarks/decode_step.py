@@ -5,12 +5,13 @@ cache, and the next logits come out; the cache is donated, as in the sampler's l
 compiler's `cost_analysis()` gives bytes accessed and FLOPs, `memory_analysis()` the
 temporaries. The floor is the weights read once plus the KV cache read once, in the cache's
 dtype: a step that copies the cache (re-stacking it, or rewriting a layer's slice) shows up as
-bytes accessed well above it and temporaries the size of the cache. XLA prices a loop body
-once, so a scanned model's step is compiled twice (1 and 2 layers an iteration) and the other
-layers added from the difference.
+bytes accessed well above it and temporaries the size of the cache. XLA's cost analysis prices
+a while loop's body once, so bytes and FLOPs are complete only with unscanned layers (the
+default here); with --scan_layers 1 (the presets' layout, what the sampler runs) they count
+one layer, and the temporaries are the check that no whole-cache copy is left.
 
-    python -m benchmarks.decode_step                      # 7B width, 4 layers, on XLA:CPU
-    python -m benchmarks.decode_step --preset vicuna7b --rows 32 --slots 1663 --layers 32 \\
+    python -m benchmarks.decode_step                      # 7B width, 2 layers, on XLA:CPU
+    python -m benchmarks.decode_step --preset vicuna7b --rows 32 --slots 1648 --layers 32 \\
         --target v5e:2x4 --tensor 8                        # per chip, needs jax[tpu]
 
 Targets: `cpu` (XLA:CPU of this host, one device) or a TPU topology name compiled from this
@@ -31,13 +32,14 @@ def _args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--target", default="cpu", help="'cpu' or a TPU topology such as 'v5e:2x4'")
     p.add_argument("--preset", default="vicuna7b", help="a configs/models.py LLaMA preset")
-    p.add_argument("--layers", type=int, default=4,
-                   help="0: the preset's depth; scanned: even, >= 4")
+    p.add_argument("--layers", type=int, default=2, help="0: the preset's depth")
     p.add_argument("--rows", type=int, default=32, help="decode rows (whole mesh)")
-    p.add_argument("--slots", type=int, default=1663, help="KV cache slots")
+    p.add_argument("--slots", type=int, default=1648,
+                   help="KV cache slots (1648: the vicuna7b PPO rollout: 128 + 626 - 1 + 896 - 1)")
     p.add_argument("--dtype", default="bfloat16", help="compute and weight dtype")
     p.add_argument("--cache_dtype", default="", help="'' = the compute dtype; or int8")
-    p.add_argument("--scan_layers", type=int, default=1)
+    p.add_argument("--scan_layers", type=int, default=0,
+                   help="1: scanned layers (the presets'); cost analysis then counts one layer")
     p.add_argument("--data", type=int, default=1)
     p.add_argument("--tensor", type=int, default=1)
     return p.parse_args(argv)
@@ -79,52 +81,41 @@ def decode_step_costs(config, rows: int, slots: int, cache_dtype: str = "", devi
     rows_sharding = None
     if mesh is not None:
         param_shardings = su.mesh_shardings(boxed["params"], mesh, rules)
-        cache_sharding = NamedSharding(mesh, nn.logical_to_mesh_axes(su.CACHE_AXES, rules))
         rows_sharding = su.batch_sharding(mesh, 2)
         params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               params, param_shardings)
+        # An int8 cache's scales lack head_dim.
+        cache_sharding = lambda a: NamedSharding(
+            mesh, nn.logical_to_mesh_axes(su.CACHE_AXES[:a.ndim], rules))
         cache = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
-                                                            sharding=cache_sharding), cache)
+                                                            sharding=cache_sharding(a)), cache)
     column = jax.ShapeDtypeStruct((rows, 1), jnp.int32, sharding=rows_sharding)
     cache_mask = jax.ShapeDtypeStruct((rows, slots), jnp.int32, sharding=rows_sharding)
 
-    def compile_step(unroll: int):
-        step_model = Llama(config if unroll == 1 else config.replace(scan_unroll=unroll))
+    def step(params, cache, tokens, mask, positions, slot):
+        out = model.apply({"params": params}, input_ids=tokens, attention_mask=mask,
+                          position_ids=positions, cache=cache, cache_index=slot)
+        return out.logits, out.cache
 
-        def step(params, cache, tokens, mask, positions, slot):
-            out = step_model.apply({"params": params}, input_ids=tokens, attention_mask=mask,
-                                   position_ids=positions, cache=cache, cache_index=slot)
-            return out.logits, out.cache
-
-        with su.sharding_context(mesh, rules):
-            compiled = jax.jit(step, donate_argnums=1).lower(
-                params, cache, column, cache_mask, column,
-                jax.ShapeDtypeStruct((), jnp.int32)).compile()
-        cost = compiled.cost_analysis()
-        return (cost[0] if isinstance(cost, list) else cost), compiled.memory_analysis()
-
-    cost, memory = compile_step(1)
-    totals = {key: cost.get(key, 0.0) for key in ("bytes accessed", "flops")}
-    if config.scan_layers:
-        if config.num_layers < 4 or config.num_layers % 2:
-            # Two layers an iteration of a 2-layer loop is no loop at all: a different program.
-            raise ValueError("a scanned step is priced from loops of >= 2 iterations: give an "
-                             f"even number of layers >= 4, not {config.num_layers}")
-        # XLA's cost analysis counts a while loop's body once: a scanned step is priced as one
-        # layer. Two layers an iteration price one more layer; add the other L - 1.
-        two, _ = compile_step(2)
-        for key in totals:
-            totals[key] += (config.num_layers - 1) * (two.get(key, 0.0) - cost.get(key, 0.0))
+    with su.sharding_context(mesh, rules):
+        compiled = jax.jit(step, donate_argnums=1).lower(
+            params, cache, column, cache_mask, column,
+            jax.ShapeDtypeStruct((), jnp.int32)).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    memory = compiled.memory_analysis()
     gib = 2.0 ** -30
     chips = len(devices)
     weight_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params))
     cache_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache))
     # Per chip: weights split over 'tensor' (replicated over 'data'), the cache over both.
     floor = weight_bytes / tensor + cache_bytes / chips
-    return {"bytes_accessed_gib": round(totals["bytes accessed"] * gib, 3),
+    return {"bytes_accessed_gib": round(cost["bytes accessed"] * gib, 3),
             "floor_gib": round(floor * gib, 3),
-            "over_floor": round(totals["bytes accessed"] / floor, 2),
-            "gflops": round(totals["flops"] / 1e9, 2),
+            "over_floor": round(cost["bytes accessed"] / floor, 2),
+            "gflops": round(cost.get("flops", 0.0) / 1e9, 2),
+            # XLA prices a while loop's body once: scanned layers count as one layer.
+            "loop_body_counted_once": config.scan_layers,
             "temp_gib": round(memory.temp_size_in_bytes * gib, 3),
             "cache_gib_per_chip": round(cache_bytes / chips * gib, 3),
             "weights_gib_per_chip": round(weight_bytes / tensor * gib, 3)}

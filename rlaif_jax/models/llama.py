@@ -55,10 +55,6 @@ class LlamaConfig(DtypeConfig):
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     scan_layers: bool = True
-    # Layers per iteration of the scanned layer loop (must divide num_layers). XLA's cost
-    # analysis counts a loop body once, so benchmarks/decode_step.py compiles 1 and 2 to price
-    # one layer.
-    scan_unroll: int = 1
     remat_policy: str = "none"
     # How full-sequence forwards (training, scoring, prefill) attend: one of
     # fused_attention.IMPLEMENTATIONS ('auto' picks per platform; see models/fused_attention.py).
@@ -75,9 +71,6 @@ class LlamaConfig(DtypeConfig):
             raise ValueError(
                 f"remat_policy={self.remat_policy!r}: expected one of {sorted(REMAT_POLICIES)}")
         self.check_dtypes()
-        if self.scan_unroll < 1 or self.num_layers % self.scan_unroll:
-            raise ValueError(f"scan_unroll={self.scan_unroll} does not divide "
-                             f"num_layers={self.num_layers}")
         if self.attention_impl not in IMPLEMENTATIONS:
             raise ValueError(f"attention_impl={self.attention_impl!r}: expected one of "
                              f"{IMPLEMENTATIONS}")
@@ -275,7 +268,6 @@ class Llama(nn.Module):
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0,
                          nn.broadcast, nn.broadcast),
                 length=cfg.num_layers,
-                unroll=cfg.scan_unroll,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, collect_hidden=self.output_hidden_states, name="layers")
         else:
