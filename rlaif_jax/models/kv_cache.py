@@ -2,12 +2,13 @@
 
 Layout `{'k', 'v'}` of shape [layers, batch, slots, kv_heads, head_dim]. In a step each layer
 reads its slots with a dynamic index (attending to the step's own key separately), and after the
-layer loop one `dynamic_update_slice` a buffer writes all layers' new slots. Because that write
-depends on every read, and the buffer is a carry of the sampler's decode loop (and donated), XLA
-updates it in place: no layer's slice is copied, rewritten or re-stacked each step. (Writing
-inside the layer loop instead either lets XLA fuse the write into the next read, keeping old and
-new buffers alive, or leaves the read-write order open; both cost a copy of the whole cache a
-step on XLA:CPU.)
+layer loop one `dynamic_update_slice` a buffer writes all layers' new slots: no layer's slice is
+copied, rewritten or re-stacked. With scanned layers that write comes after the layer loop,
+hence after every read, so XLA updates the buffer (a carry of the sampler's decode loop, or a
+donated argument) in place. Writing inside the layer loop instead either let XLA fuse the write
+into the next read, keeping old and new buffers alive, or left the read-write order open; both
+cost a copy of the whole cache a step on XLA:CPU. Unscanned layers leave the last layer's reads
+unordered against the write, and XLA:CPU still copies there (the TPU compiler does not).
 
 An int8 cache adds `k_scale` / `v_scale` [layers, batch, slots, kv_heads] float32: each slot
 and head is stored as round(x / scale) with scale = max|x| / 127 over head_dim. Attention applies

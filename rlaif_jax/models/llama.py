@@ -177,10 +177,10 @@ class Attention(nn.Module):
             # chunk's own keys (the slots being written are masked out of the cached part).
             cached_k, cached_v, k_scale, v_scale = kv_cache.read(cache, layer_index)
             earlier = mask & (jnp.arange(slots) < cache_index)
-            own_mask = jax.lax.dynamic_slice_in_dim(mask, cache_index, length, axis=-1)
             if length == 1:
                 out = decode_attention(q, cached_k, cached_v, earlier, k, v, k_scale, v_scale)
             else:
+                own_mask = jax.lax.dynamic_slice_in_dim(mask, cache_index, length, axis=-1)
                 out = chunk_attention(q, cached_k, cached_v, earlier, k, v, own_mask,
                                       k_scale, v_scale)
         out = out.reshape(batch, length, heads * head_dim)
@@ -349,9 +349,9 @@ class Llama(nn.Module):
                 per_layer.append(layer_kv)
                 layer_outputs.append(hidden)
             new_kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
-        # Every layer's keys and values go into the cache in one update after the layer loop:
-        # the write depends on all the reads, so XLA does it in place (the cache is a loop carry
-        # of the sampler), and no layer's slice is copied or re-stacked.
+        # Every layer's keys and values go into the cache in one update after the layer loop, so
+        # no layer's slice is copied or re-stacked. With scanned layers the write follows the
+        # loop, hence every read, and XLA updates the donated / loop-carried cache in place.
         new_cache = None if cache is None else kv_cache.write(cache, cache_index, *new_kv)
         hidden = self.norm(x)
         hidden_states = None
