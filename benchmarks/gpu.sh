@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu.sh                       # Vicuna-7B shape, all 32 layers, LoRA r 64
 #   bash benchmarks/gpu.sh --layers 8 --torch    # fewer layers of the real width, vs PyTorch
 #   bash benchmarks/gpu.sh --layers 8 --attention_block 256 --profile   # faster; where time goes
+#   bash benchmarks/gpu.sh --layers 8 --torch --attention_impl cudnn   # or xla, blocked, pallas_gpu
 #   bash benchmarks/gpu.sh --mode full --layers 4  # every weight trained (16 B a parameter)
 #   bash benchmarks/gpu.sh --layers 8 --memory   # also the PPO memory plan for the local GPUs
 #

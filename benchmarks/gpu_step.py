@@ -33,6 +33,7 @@ import optax
 from benchmarks.train_step import next_token_loss
 from configs import models as model_presets
 from rlaif_jax.models import flops as flops_lib
+from rlaif_jax.models.fused_attention import resolve
 from rlaif_jax.models.llama import Llama, LlamaConfig
 from rlaif_jax.sampling.generate import SamplingConfig, generate
 
@@ -53,6 +54,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--skip_generation", action="store_true")
     p.add_argument("--attention_block", type=int, default=-1,
                    help="causal query blocks (LlamaConfig.attention_block); -1: the preset's")
+    p.add_argument("--attention_impl", default="auto",
+                   help="LlamaConfig.attention_impl: auto (cuDNN on a GPU in bf16), xla, blocked, "
+                        "cudnn, pallas_gpu")
     p.add_argument("--torch", action="store_true",
                    help="also time PyTorch (transformers + peft) at the same dims; print ratios")
     p.add_argument("--torch_checkpointing", default="off,on",
@@ -79,6 +83,7 @@ def model_config(args) -> LlamaConfig:
         values["remat_policy"] = args.remat
     if args.attention_block >= 0:
         values["attention_block"] = args.attention_block
+    values["attention_impl"] = args.attention_impl
     values["lora"] = dict(values["lora"], rank=args.lora_rank if args.mode == "lora" else 0)
     return LlamaConfig.from_dict(values)
 
@@ -153,6 +158,8 @@ def train_record(config: LlamaConfig, args, device) -> tuple[dict, dict]:
         "name": "gpu_train_step", "mode": args.mode, "layers": config.num_layers,
         "hidden": config.hidden_size, "batch": args.batch, "length": args.length,
         "remat": config.remat_policy, "attention_block": config.attention_block,
+        "attention_impl": resolve(config.attention_impl, config.compute_dtype,
+                                  config.dim_per_head, config.attention_block),
         "step_s": round(seconds, 4),
         "tokens_per_s": round(tokens / seconds, 1), "model_tflops": round(flops / seconds / 1e12, 2),
         "mfu": None if peak is None else round(flops / seconds / peak, 4),

@@ -46,6 +46,9 @@ def _args(argv=None):
     p.add_argument("--pieces", default="ppo_train,ppo_experience,rollout",
                    help="comma-separated of ppo_train, ppo_experience, rollout, sft")
     p.add_argument("--remat", default="dots_no_batch", help="LLM remat policy (both models)")
+    p.add_argument("--attention_impl", default="auto",
+                   help="LlamaConfig.attention_impl of both LLMs (e.g. splash, xla); auto picks "
+                        "by the platform jax runs on (CPU when compiling for a TPU topology)")
     p.add_argument("--train_micro_batch", type=int, default=16)
     p.add_argument("--rollout_micro_batch", type=int, default=32)
     p.add_argument("--max_new_tokens", type=int, default=896)
@@ -103,6 +106,7 @@ def ppo_config(args):
     with config.unlocked():
         for model in (config.model, config.critic_model):
             model.llm.remat_policy = args.remat
+            model.llm.attention_impl = args.attention_impl
             if args.layers:
                 model.llm.num_layers = args.layers
                 model.vision.num_layers = min(model.vision.num_layers, args.layers + 1)
@@ -246,6 +250,7 @@ def main(argv=None):
     memory_gib = args.memory_gib or chip_gib(devices[0], args.target)
     common = {"target": args.target, "device_kind": getattr(devices[0], "device_kind", ""),
               "devices": len(devices), "estimate": estimate, "remat": args.remat,
+              "attention_impl": args.attention_impl,
               "frozen_dtype": args.frozen_dtype, "layers": args.layers or "real",
               "memory_gib": memory_gib}
     pieces = [p for p in args.pieces.split(",") if p]

@@ -38,6 +38,62 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     return out.reshape(batch, length, heads, head_dim).astype(q.dtype)
 
 
+def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                     k_new: jax.Array, v_new: jax.Array,
+                     k_scale: Optional[jax.Array] = None,
+                     v_scale: Optional[jax.Array] = None) -> jax.Array:
+    """`dot_product_attention` for one query a row (a decode step): q [B, 1, N, H] attends over
+    a layer of the KV cache k / v [B, S, K, H] as it was BEFORE this step, where `mask`
+    (broadcastable to [B, 1, 1, S]) must leave out the slot being written, plus this step's own
+    key / value k_new / v_new [B, 1, K, H].
+
+    The step's own key is separate so that the cache is only read here and written once after
+    the layer loop (models/kv_cache.py says why that keeps the write in place). Int8 caches
+    pass k_scale / v_scale [B, S, K]: the scales multiply the scores and the probabilities, so
+    no dequantised copy of the layer is made.
+    Why multiply-and-sum rather than einsums: a dot wants the batch dimensions (rows, heads)
+    leading, so the cache's [B, S, K, H] layer would be transposed into a copy each step
+    (XLA:CPU does); the elementwise form reads the cache once where it lies, and with one query
+    there is no matmul to lose."""
+    batch, length, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    groups = heads // kv_heads
+    out_dtype = q.dtype
+    q = (q.astype(jnp.float32) * head_dim ** -0.5).reshape(batch, 1, kv_heads, groups, head_dim)
+    f32 = lambda x: x.astype(jnp.float32)
+    # scores[b, s, k, g] = sum_h q[b, k, g, h] * key[b, s, k, h]
+    cached = jnp.sum(q * f32(k)[:, :, :, None], axis=-1)  # [B, S, K, G]
+    if k_scale is not None:
+        cached = cached * k_scale[..., None]
+    mask = jnp.asarray(mask, bool).reshape(batch, -1, 1, 1)
+    cached = jnp.where(mask, cached, jnp.asarray(-0.7 * jnp.finfo(jnp.float32).max, jnp.float32))
+    own = jnp.sum(q * f32(k_new)[:, :, :, None], axis=-1)  # [B, 1, K, G]
+    probs = jax.nn.softmax(jnp.concatenate([cached, own], axis=1), axis=1)
+    cached_probs, own_probs = probs[:, :-1], probs[:, -1:]
+    if v_scale is not None:
+        cached_probs = cached_probs * v_scale[..., None]
+    # out[b, k, g, h] = sum_s probs[b, s, k, g] * value[b, s, k, h]
+    out = (jnp.sum(cached_probs[..., None] * f32(v)[:, :, :, None], axis=1)
+           + own_probs[:, 0, ..., None] * f32(v_new)[:, 0, :, None])
+    return out.reshape(batch, length, heads, head_dim).astype(out_dtype)
+
+
+def chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                    k_new: jax.Array, v_new: jax.Array, own_mask: jax.Array,
+                    k_scale: Optional[jax.Array] = None,
+                    v_scale: Optional[jax.Array] = None) -> jax.Array:
+    """Several queries q [B, T, N, H] over a KV cache layer k / v [B, S, K, H] that does not
+    hold them yet (`mask` [B, 1, T, S] leaves their slots out) and over their own keys k_new /
+    v_new [B, T, K, H] (`own_mask` [B, 1, T, T]). A rare path (a chunk appended to a longer
+    cache), so it simply concatenates the two key sets."""
+    if k_scale is not None:  # int8 cache: dequantise this layer
+        k = k.astype(jnp.float32) * k_scale[..., None]
+        v = v.astype(jnp.float32) * v_scale[..., None]
+    keys = jnp.concatenate([k.astype(q.dtype), k_new.astype(q.dtype)], axis=1)
+    values = jnp.concatenate([v.astype(q.dtype), v_new.astype(q.dtype)], axis=1)
+    return dot_product_attention(q, keys, values, jnp.concatenate([mask, own_mask], axis=-1))
+
+
 def causal_block_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                            block: int) -> jax.Array:
     """The same attention without the masked upper triangle: query block i (`block` rows) only

@@ -4,7 +4,8 @@ Parameters carry logical axis names (see `rlaif_jax/parallel/sharding.py` for th
 them to mesh axes). Layers are scanned (`nn.scan`) by default so a 40-layer model compiles as fast
 as a 2-layer one; `remat_policy` picks what the backward pass recomputes. The KV cache is an
 explicit pytree `{'k', 'v'}` of shape [layers, batch, cache_len, kv_heads, head_dim] passed in and
-returned, never hidden module state.
+returned, never hidden module state: the layers read it, and one update after the layer loop
+writes every layer's new slots in place (models/kv_cache.py).
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from rlaif_jax.models.attention import causal_block_attention, dot_product_attention
+from rlaif_jax.models import kv_cache
+from rlaif_jax.models.attention import chunk_attention, decode_attention
+from rlaif_jax.models.fused_attention import IMPLEMENTATIONS, causal_attention, resolve
 from rlaif_jax.models.config_base import DtypeConfig
+from rlaif_jax.models.kv_cache import init_cache
 from rlaif_jax.models.lora import LoraConfig, Projection
 
 REMAT_POLICIES = {
@@ -52,9 +56,14 @@ class LlamaConfig(DtypeConfig):
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
-    # > 0: full-sequence forwards (no KV cache) split queries into blocks of this many tokens
-    # that skip the masked upper triangle (models/attention.py); 0: dense attention.
+    # How full-sequence forwards (training, scoring, prefill) attend: one of
+    # fused_attention.IMPLEMENTATIONS ('auto' picks per platform; see models/fused_attention.py).
+    attention_impl: str = "auto"
+    # > 0: the 'blocked' implementation's query blocks (tokens), which skip the masked upper
+    # triangle (models/attention.py); 'auto' on CPU uses it when > 0, else dense 'xla'.
     attention_block: int = 0
+    # Run the Pallas kernels ('splash', 'pallas_gpu') in the Pallas interpreter (CPU tests).
+    attention_interpret: bool = False
     lora: LoraConfig = LoraConfig()
 
     def __post_init__(self):
@@ -62,6 +71,11 @@ class LlamaConfig(DtypeConfig):
             raise ValueError(
                 f"remat_policy={self.remat_policy!r}: expected one of {sorted(REMAT_POLICIES)}")
         self.check_dtypes()
+        if self.attention_impl not in IMPLEMENTATIONS:
+            raise ValueError(f"attention_impl={self.attention_impl!r}: expected one of "
+                             f"{IMPLEMENTATIONS}")
+        if self.attention_impl == "blocked" and self.attention_block <= 0:
+            raise ValueError("attention_impl='blocked' needs attention_block > 0 (its block size)")
         if self.num_heads % self.kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.kv_heads}")
@@ -95,12 +109,6 @@ class LlamaOutput:
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     """Position ids that start at 0 on each row's first real token (right for left padding)."""
     return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
-
-
-def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype=None) -> dict:
-    shape = (config.num_layers, batch_size, max_length, config.kv_heads, config.dim_per_head)
-    dtype = dtype or config.compute_dtype
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
 def rope_cos_sin(position_ids: jax.Array, config: LlamaConfig):
@@ -140,7 +148,12 @@ class Attention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, mask, cos, sin, layer_cache=None, cache_index=None):
+    def __call__(self, x, mask, token_mask, cos, sin, cache=None, layer_index=None,
+                 cache_index=None):
+        """Returns (output, (k, v)): this chunk's keys and values [B, L, kv_heads, head_dim],
+        which the caller writes into the cache after the layer loop. With a cache (the whole
+        [layers, ...] buffer, as it was before this chunk) the chunk attends over the layer's
+        earlier slots and over itself."""
         cfg = self.config
         batch, length, _ = x.shape
         heads, kv_heads, head_dim = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
@@ -154,22 +167,36 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", None))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        new_cache = None
-        if layer_cache is not None:
-            # Write this chunk at cache_index in place, then attend over the whole buffer.
-            start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), start)
-            v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
-            new_cache = {"k": k, "v": v}
-
-        q, k, v = (t.astype(cfg.compute_dtype) for t in (q, k, v))
-        if layer_cache is None and 0 < cfg.attention_block < length:
-            out = causal_block_attention(q, k, v, mask, cfg.attention_block)
+        slots = None if cache is None else cache["k"].shape[2]
+        if cache is None or slots == length:
+            # No cache, or a chunk that fills the whole cache from slot 0 (a prefill): causal
+            # attention of the chunk over itself.
+            out = self.full_sequence_attention(q, k, v, mask, token_mask)
         else:
-            out = dot_product_attention(q, k, v, mask=mask)
+            # The cache does not hold this chunk yet: attend over its earlier slots plus the
+            # chunk's own keys (the slots being written are masked out of the cached part).
+            cached_k, cached_v, k_scale, v_scale = kv_cache.read(cache, layer_index)
+            earlier = mask & (jnp.arange(slots) < cache_index)
+            if length == 1:
+                out = decode_attention(q, cached_k, cached_v, earlier, k, v, k_scale, v_scale)
+            else:
+                own_mask = jax.lax.dynamic_slice_in_dim(mask, cache_index, length, axis=-1)
+                out = chunk_attention(q, cached_k, cached_v, earlier, k, v, own_mask,
+                                      k_scale, v_scale)
         out = out.reshape(batch, length, heads * head_dim)
         out = Projection(cfg.hidden_size, ("heads", "embed"), name="o_proj", **proj)(out)
-        return out, new_cache
+        return out, (k, v)
+
+    def full_sequence_attention(self, q, k, v, mask, token_mask):
+        """Causal attention of a whole sequence over itself (training forwards, prefill), by
+        `attention_impl`. mask: the dense [B, 1, T, T] mask; token_mask [B, T]: real tokens."""
+        cfg = self.config
+        impl = resolve(cfg.attention_impl, cfg.compute_dtype, cfg.dim_per_head,
+                       cfg.attention_block)
+        if impl == "blocked" and not 0 < cfg.attention_block < q.shape[1]:
+            impl = "xla"  # one block would be the dense computation
+        return causal_attention(q, k, v, token_mask, mask, impl, cfg.attention_block,
+                                interpret=cfg.attention_interpret)
 
 
 class MLP(nn.Module):
@@ -187,22 +214,24 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """One pre-norm block; signature (carry, per-layer inputs) so it can be scanned."""
+    """One pre-norm block; signature (carry, per-layer inputs) so it can be scanned. The KV
+    cache comes in whole and read-only; the layer returns its new keys and values."""
 
     config: LlamaConfig
     collect_hidden: bool = False
 
     @nn.compact
-    def __call__(self, x, mask, cos, sin, layer_cache, cache_index):
+    def __call__(self, x, mask, token_mask, cos, sin, layer_index, cache, cache_index):
         cfg = self.config
         norm = dict(eps=cfg.rms_norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
-        attn_out, new_cache = Attention(cfg, name="self_attn")(
-            RMSNorm(name="input_layernorm", **norm)(x), mask, cos, sin, layer_cache, cache_index)
+        attn_out, new_kv = Attention(cfg, name="self_attn")(
+            RMSNorm(name="input_layernorm", **norm)(x), mask, token_mask, cos, sin, cache,
+            layer_index, cache_index)
         x = x + attn_out
         x = x + MLP(cfg, name="mlp")(RMSNorm(name="post_attention_layernorm", **norm)(x))
         x = x.astype(cfg.compute_dtype)
-        return x, (new_cache, x if self.collect_hidden else None)
+        return x, (new_kv if cache is not None else None, x if self.collect_hidden else None)
 
 
 def attention_mask_4d(attention_mask, query_slots, key_slots):
@@ -236,7 +265,8 @@ class Llama(nn.Module):
                 layer_cls,
                 variable_axes={"params": 0, "lora": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0,
+                         nn.broadcast, nn.broadcast),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, collect_hidden=self.output_hidden_states, name="layers")
@@ -305,19 +335,24 @@ class Llama(nn.Module):
 
         x = inputs_embeds.astype(cfg.compute_dtype)
         layer_outputs = []
+        layer_indices = jnp.arange(cfg.num_layers, dtype=jnp.int32)
         if cfg.scan_layers:
-            x, (new_cache, stacked) = self.layers(x, mask, cos, sin, cache, cache_index)
+            x, (new_kv, stacked) = self.layers(x, mask, attention_mask, cos, sin, layer_indices,
+                                               cache, cache_index)
             if self.output_hidden_states:
                 layer_outputs = [stacked[i] for i in range(cfg.num_layers)]
         else:
-            new_layers = []
+            per_layer = []
             for i, layer in enumerate(self.layer_list):
-                layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
-                x, (layer_new_cache, hidden) = layer(x, mask, cos, sin, layer_cache, cache_index)
-                new_layers.append(layer_new_cache)
+                x, (layer_kv, hidden) = layer(x, mask, attention_mask, cos, sin, layer_indices[i],
+                                              cache, cache_index)
+                per_layer.append(layer_kv)
                 layer_outputs.append(hidden)
-            new_cache = None if cache is None else jax.tree.map(
-                lambda *c: jnp.stack(c), *new_layers)
+            new_kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+        # Every layer's keys and values go into the cache in one update after the layer loop, so
+        # no layer's slice is copied or re-stacked. With scanned layers the write follows the
+        # loop, hence every read, and XLA updates the donated / loop-carried cache in place.
+        new_cache = None if cache is None else kv_cache.write(cache, cache_index, *new_kv)
         hidden = self.norm(x)
         hidden_states = None
         if self.output_hidden_states:

@@ -12,7 +12,9 @@ Shape of one call (B prompts, n samples each, P prompt slots after bucketing, T 
    the done flags, the RNG and the step. Step t feeds token t-1 at cache slot P + t - 1 (the
    layers write it with `dynamic_update_slice` into the carried buffer, in place) at position
    (the row's real prompt length) + t - 1, and samples token t. The loop stops when every row
-   has produced its EOS or after `max_new_tokens`.
+   has produced its EOS or after `max_new_tokens`. The layers only read the cache; one update
+   after the layer loop writes the step's slot of every layer, in place in the loop's carry
+   (models/kv_cache.py). `SamplingConfig.cache_dtype` stores it in bfloat16 or int8.
 
 Log-probs are `log_softmax(logits / temperature)` of the chosen token over the full vocabulary:
 what PPO recomputes from a full forward over the sampled sequence. top-k / top-p only restrict
@@ -34,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlaif_jax.models.kv_cache import CACHE_DTYPES
 from rlaif_jax.models.llama import Llama, LlamaConfig, LlamaOutput, init_cache, positions_from_mask
 from rlaif_jax.parallel import sharding as su
 
@@ -54,6 +57,10 @@ class SamplingConfig:
     eos_token_id: Optional[int] = 2  # None: never stop before max_new_tokens
     pad_token_id: int = 0
     prompt_bucket: int = 64  # prompts are left-padded to a multiple of this (fewer recompiles)
+    # The KV cache's dtype: '' = the model's compute dtype; 'bfloat16' halves a float32 cache's
+    # bytes, 'int8' (per-slot, per-head scales) quarters them. Decode reads the whole cache every
+    # step, so its bytes bound the step time once the weights are read.
+    cache_dtype: str = ""
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -68,6 +75,9 @@ class SamplingConfig:
             raise ValueError(f"num_samples={self.num_samples}: must be >= 1")
         if self.prompt_bucket < 1:
             raise ValueError(f"prompt_bucket={self.prompt_bucket}: must be >= 1")
+        if self.cache_dtype and self.cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"cache_dtype={self.cache_dtype!r}: expected '' (the compute dtype) "
+                             f"or one of {sorted(CACHE_DTYPES)}")
 
     @property
     def greedy(self) -> bool:
@@ -252,6 +262,12 @@ def _repeat_rows(x: jax.Array, n: int, axis: int = 0) -> jax.Array:
     return x if n == 1 else jnp.repeat(x, n, axis=axis)
 
 
+def _constrain_cache(cache: dict, mesh, rules) -> dict:
+    """Each cache buffer sharded as CACHE_AXES (an int8 cache's scales lack head_dim)."""
+    return {name: su.constrain(buffer, su.CACHE_AXES[:buffer.ndim], mesh, rules)
+            for name, buffer in cache.items()}
+
+
 def _generate_core(decoder, variables, input_ids, attention_mask, video_tokens, has_video, rng,
                    sampling: SamplingConfig, mesh, rules) -> Generation:
     cfg = decoder.llm_config
@@ -263,7 +279,8 @@ def _generate_core(decoder, variables, input_ids, attention_mask, video_tokens, 
                                                  video_tokens, has_video)
     prompt_mask = prompt_mask.astype(jnp.int32)
     batch, prompt_slots = prompt_mask.shape
-    prefill_cache = su.constrain(init_cache(cfg, batch, prompt_slots), su.CACHE_AXES, mesh, rules)
+    prefill_cache = _constrain_cache(
+        init_cache(cfg, batch, prompt_slots, sampling.cache_dtype or None), mesh, rules)
     out = decoder.run_llm(
         variables, inputs_embeds=embeds, attention_mask=prompt_mask,
         position_ids=positions_from_mask(prompt_mask), cache=prefill_cache,
@@ -275,11 +292,11 @@ def _generate_core(decoder, variables, input_ids, attention_mask, video_tokens, 
     # one slot per generated token except the last (which is sampled, never fed back).
     rows = batch * n
     total_slots = prompt_slots + new - 1
-    cache = jax.tree.map(
-        lambda c: jnp.pad(_repeat_rows(c, n, axis=1),
-                          ((0, 0), (0, 0), (0, total_slots - prompt_slots), (0, 0), (0, 0))),
-        out.cache)
-    cache = su.constrain(cache, su.CACHE_AXES, mesh, rules)
+    def decode_buffer(prefilled):  # [layers, batch, slots, ...] (int8 scales have no head_dim)
+        extra = ((0, 0), (0, 0), (0, total_slots - prompt_slots)) + ((0, 0),) * (prefilled.ndim - 3)
+        return jnp.pad(_repeat_rows(prefilled, n, axis=1), extra)
+
+    cache = _constrain_cache(jax.tree.map(decode_buffer, out.cache), mesh, rules)
     first_logits = _repeat_rows(first_logits, n)
     prompt_mask = _repeat_rows(prompt_mask, n)
     prompt_lengths = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)
@@ -316,7 +333,7 @@ def _generate_core(decoder, variables, input_ids, attention_mask, video_tokens, 
         out = decoder.run_llm(
             variables, input_ids=previous[:, None], attention_mask=cache_mask,
             position_ids=(prompt_lengths + step - 1)[:, None], cache=cache, cache_index=slot)
-        cache = su.constrain(out.cache, su.CACHE_AXES, mesh, rules)
+        cache = _constrain_cache(out.cache, mesh, rules)
         rng, key = jax.random.split(rng)
         tokens, logprobs = select_tokens(out.logits[:, 0], key, sampling)
         return step + 1, tokens, cache, record(state, step, tokens, logprobs), rng
