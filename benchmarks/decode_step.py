@@ -97,7 +97,7 @@ def decode_step_costs(config, rows: int, slots: int, cache_dtype: str = "", devi
                           position_ids=positions, cache=cache, cache_index=slot)
         return out.logits, out.cache
 
-    with su.sharding_context(mesh, rules):
+    with su.mesh_context(mesh, rules):
         compiled = jax.jit(step, donate_argnums=1).lower(
             params, cache, column, cache_mask, column,
             jax.ShapeDtypeStruct((), jnp.int32)).compile()

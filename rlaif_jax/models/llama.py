@@ -22,7 +22,7 @@ from rlaif_jax.models import kv_cache
 from rlaif_jax.models.attention import chunk_attention, decode_attention
 from rlaif_jax.models.fused_attention import IMPLEMENTATIONS, causal_attention, resolve
 from rlaif_jax.models.config_base import DtypeConfig
-from rlaif_jax.models.kv_cache import init_cache
+from rlaif_jax.models.kv_cache import init_cache  # noqa: F401 -- re-exported for the sampler
 from rlaif_jax.models.lora import LoraConfig, Projection
 
 REMAT_POLICIES = {

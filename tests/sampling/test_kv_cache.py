@@ -11,7 +11,7 @@ import pytest
 
 from rlaif_jax.models import kv_cache
 from rlaif_jax.models.llama import Llama, LlamaConfig, init_cache, positions_from_mask
-from rlaif_jax.rollout.generate import SamplingConfig, generate, sequence_logprobs
+from rlaif_jax.sampling.generate import SamplingConfig, generate, sequence_logprobs
 
 CONFIG = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=8,
                      num_heads=4, num_kv_heads=2)
