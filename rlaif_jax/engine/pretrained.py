@@ -25,7 +25,7 @@ from rlaif_jax.engine.model_init import all_shardings, build_model, starting_var
 from rlaif_jax.engine.state import plan_state
 from rlaif_jax.parallel.mesh import make_mesh
 from rlaif_jax.parallel.sharding import DEFAULT_RULES, shard_params
-from rlaif_jax.workdir.layout import model_meta
+from rlaif_jax.workdir.layout import model_meta, workdir_of
 
 HF_MODEL_TYPES = {"llama": hf.load_llama, "clip_vision_model": hf.load_clip_vision,
                   "clip": hf.load_clip_vision, "llava": hf.load_video_llm}
@@ -55,9 +55,7 @@ def _tokenizer_candidates(step_dir: str, config: dict) -> list[str]:
     data = config.get("data") or {}
     named = [config.get("tokenizer"), data.get("tokenizer")]  # eval/feedback/rm; SFT 'build'
     worlds = [config.get("world_dir"), data.get("world")]
-    # WORKDIR/<stage>/checkpoints/<step>, wherever the workdir has moved since.
-    for workdir in (os.path.dirname(os.path.dirname(os.path.dirname(step_dir))),
-                    config.get("workdir")):
+    for workdir in (workdir_of(step_dir), config.get("workdir")):
         if workdir:
             worlds.append(os.path.join(workdir, "data", "world"))
     return [p for p in named if p] + [os.path.join(w, "tokenizer") for w in worlds if w]

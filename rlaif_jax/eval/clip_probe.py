@@ -37,7 +37,8 @@ from rlaif_jax.data.synthetic import scorer, text, world
 from rlaif_jax.data.video import clip_frames, load_frames
 from rlaif_jax.engine.pretrained import load_stage, stage_config, stage_tokenizer_dir
 from rlaif_jax.eval.synthetic_qa import EvalItem, answer_items
-from rlaif_jax.workdir.layout import WORLD
+from rlaif_jax.workdir.layout import workdir_of
+from rlaif_jax.workdir.layout import world_dir as world_dir_of
 
 NUM_CLIPS = world.NUM_CLIPS
 # (frames key, question): the frames key is (video name, None) for the whole video or
@@ -162,8 +163,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--json", default="", help="also write the rows and records here")
     args = parser.parse_args(argv)
     step_dir, _ = stage_config(args.stage)
-    world_dir = args.world or os.path.join(
-        os.path.dirname(os.path.dirname(os.path.dirname(step_dir))), WORLD)
+    world_dir = args.world or world_dir_of(workdir_of(step_dir))
     tokenizer = transformers.AutoTokenizer.from_pretrained(stage_tokenizer_dir(step_dir))
     overrides = {"num_frames": args.frames} if args.frames else {}
     model, params = load_stage(step_dir, tokenizer=tokenizer, **overrides)

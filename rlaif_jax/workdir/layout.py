@@ -40,6 +40,12 @@ def world_dir(workdir: str, world: str = "") -> str:
     return os.path.abspath(world) if world else os.path.join(os.path.abspath(workdir), WORLD)
 
 
+def workdir_of(step_dir: str) -> str:
+    """The workdir a step directory sits in (WORKDIR/<stage>/checkpoints/<step>), wherever the
+    workdir has moved since it was written."""
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(step_dir))))
+
+
 def latest_step(directory: str) -> Optional[int]:
     """The newest saved step of a stage directory (or of its checkpoints/ directory)."""
     checkpoints = os.path.join(directory, "checkpoints")
