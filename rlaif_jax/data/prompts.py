@@ -53,9 +53,22 @@ def join_clip_descriptions(clip_descriptions: list[str]) -> str:
     return " ".join(parts)
 
 
-# How the judge replies: 'label' (one of JUDGE_CHOICES, read from its next-token
-# probabilities) or 'restate' (the better answer itself, read where the two answers first differ).
-JUDGE_REPLIES = ("label", "restate")
+# How the judge is read: 'label' (it replies with one of JUDGE_CHOICES, read from its next-token
+# probabilities), 'restate' (it replies with the better answer itself, read where the two answers
+# first differ) or 'likelihood' (each answer's mean log-probability per token when the policy,
+# given the video, the context and the question, is asked to answer: the answer it would more
+# confidently give itself is the better one).
+PAIRWISE_REPLIES = ("label", "restate")  # the judge reads both answers in one prompt
+JUDGE_REPLIES = PAIRWISE_REPLIES + ("likelihood",)
+
+
+def question_with_context(question: str, context: str | None) -> str:
+    """A question preceded by a context of the video (the clip narrative), in the judge's words;
+    the question alone when there is no context."""
+    if context is None:
+        return question.strip()
+    return (f"Here is a detailed description of the video: {context.strip()}\n"
+            f"Question: {question.strip()}")
 
 
 def judge_prompt(question: str, answer_1: str, answer_2: str, context: str | None,
@@ -69,6 +82,8 @@ def judge_prompt(question: str, answer_1: str, answer_2: str, context: str | Non
     """
     if reply not in JUDGE_REPLIES:
         raise ValueError(f"reply={reply!r}: expected one of {JUDGE_REPLIES}")
+    if reply == "likelihood":
+        raise ValueError("the likelihood judge reads answers alone: use question_with_context")
     instruction = (f"Reply with {JUDGE_CHOICES[0]} or {JUDGE_CHOICES[1]} only." if reply == "label"
                    else "Reply with the better answer.")
     principles = " ".join(f"({i + 1}) {p}." for i, p in enumerate(JUDGE_PRINCIPLES))

@@ -18,7 +18,12 @@ clip by clip (the context), and judges which answer is better in both orders.
    the judge is asked to restate the better answer (`'restate'`), the two answers' tokens where
    they first differ, after their common start. Asked in both orders, P(answer 1 is better) is
    the mean of P(answer 1's choice) in order (1, 2) and in order (2, 1), which cancels a position
-   bias. Pairs whose margin |2P - 1| is under `margin` are dropped, as are identical answers.
+   bias. `judge_reply='likelihood'` reads each answer alone instead: the policy is given the
+   video, the context and the question (`prompts.question_with_context`), and each answer's
+   mean log-probability per token (its end-of-turn token included) measures how confidently the
+   judge would give it itself; P(answer 1 is better) = sigmoid(mean_1 - mean_2), the same in
+   both orders. Pairs whose margin |2P - 1| is under `margin` are dropped, as are identical
+   answers.
 
 The video is encoded once per batch and its tokens reused by the sampler and both judge orders.
 """
@@ -60,7 +65,7 @@ class FeedbackSettings:
     context: str  # CONTEXT_MODES: 'question', 'describe' or 'none' (the ablation)
     measure_no_context: bool  # with context: also judge without it, for the metrics
     margin: float  # drop pairs with |P(1) - P(2)| below this (applied when writing)
-    judge_reply: str  # prompts.JUDGE_REPLIES: a label, or the better answer restated
+    judge_reply: str  # prompts.JUDGE_REPLIES: a label, the better answer restated, likelihood
     max_judge_length: int  # longer judge prompts are skipped and counted
     prompt_bucket: int
 
@@ -122,6 +127,24 @@ def _choice_logprobs(model, variables, input_ids, attention_mask, video_tokens, 
 
 
 _choice_logprobs_jit = jax.jit(_choice_logprobs, static_argnames=("model",))
+
+
+def _answer_mean_logprobs(model, variables, input_ids, attention_mask, video_tokens, has_video,
+                          label_mask):
+    """Mean log-prob per answer token [B] of right-padded rows; `label_mask` [B, L] marks the
+    answer's tokens (the logit at slot s predicts the token at s + 1)."""
+    if is_video_model(model):
+        logits = model.apply(variables, input_ids, attention_mask, has_video=has_video,
+                             video_tokens=video_tokens).logits
+    else:
+        logits = model.apply(variables, input_ids=input_ids, attention_mask=attention_mask).logits
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(logp, input_ids[:, 1:, None], axis=-1)[..., 0]
+    weight = label_mask[:, 1:].astype(jnp.float32)
+    return (chosen * weight).sum(-1) / jnp.maximum(weight.sum(-1), 1.0)
+
+
+_answer_mean_logprobs_jit = jax.jit(_answer_mean_logprobs, static_argnames=("model",))
 
 
 def distinct_pair(samples: Sequence[str]) -> tuple[str, str]:
@@ -237,6 +260,8 @@ class AIFeedback:
         ids of the choices for the first- and second-listed answer); None where an input is
         longer than max_judge_length."""
         reply = self.settings.judge_reply
+        if reply == "likelihood":
+            return self._likelihood_rows(question_turns, answers, contexts)
         rows = []
         for i, (turn, (a1, a2)) in enumerate(zip(question_turns, answers)):
             question = question_of(turn)
@@ -265,6 +290,8 @@ class AIFeedback:
         present = [r for r in rows if r is not None]
         if not present:
             return np.full((batch, 2), np.nan)
+        if self.settings.judge_reply == "likelihood":
+            return self._judge_likelihood(rows, video_tokens, has_video)
         filler = present[0]
         flat = [p for r in rows for p in (r if r is not None else filler)]  # row i*2 + order
         length = bucket_length(max(len(ids) for ids, _ in flat), self.settings.prompt_bucket)
@@ -279,6 +306,46 @@ class AIFeedback:
                                         self._put(mask), tokens, flags, self._put(choices))
         p = np.exp(np.asarray(jax.device_get(logp), np.float64)).reshape(batch, 2, 2)
         both = np.stack([p[:, 0, 0], p[:, 1, 1]], axis=1)  # P(answer 1 better) per order
+        both[[r is None for r in rows]] = np.nan
+        return both
+
+    def _likelihood_rows(self, question_turns, answers, contexts) -> list[Optional[tuple]]:
+        """Per pair, each answer's (token ids, label mask) after the video, the context and the
+        question; None where either is longer than max_judge_length."""
+        rows = []
+        for i, (turn, pair) in enumerate(zip(question_turns, answers)):
+            text = prompts.question_with_context(question_of(turn),
+                                                 None if contexts is None else contexts[i])
+            human = (conversation.video_question(text) if prompts.IMAGE_TOKEN in turn["value"]
+                     else {"from": "human", "value": text})
+            tokenized = conversation.tokenize_conversations(
+                [[human, {"from": "gpt", "value": answer}] for answer in pair], self.tokenizer)
+            scored = tuple((t.input_ids, t.labels != conversation.IGNORE_INDEX) for t in tokenized)
+            too_long = max(len(ids) for ids, _ in scored) > self.settings.max_judge_length
+            rows.append(None if too_long else scored)
+        return rows
+
+    def _judge_likelihood(self, rows, video_tokens, has_video) -> np.ndarray:
+        batch = len(rows)
+        filler = next(r for r in rows if r is not None)
+        flat = [a for r in rows for a in (r if r is not None else filler)]  # row i*2 + answer
+        length = bucket_length(max(len(ids) for ids, _ in flat), self.settings.prompt_bucket)
+        ids = np.full((len(flat), length), self.pad, np.int32)
+        mask = np.zeros_like(ids)
+        labels = np.zeros((len(flat), length), bool)
+        for k, (row_ids, row_labels) in enumerate(flat):  # right-padded: the answers are read
+            ids[k, :len(row_ids)], mask[k, :len(row_ids)] = row_ids, 1
+            labels[k, :len(row_ids)] = row_labels
+        tokens = flags = None
+        if self.vision:
+            tokens = jnp.repeat(video_tokens, 2, axis=0)
+            flags = self._put(np.repeat(np.asarray(has_video, bool), 2))
+        with su.mesh_context(self.mesh, self.rules):
+            mean = _answer_mean_logprobs_jit(self.model, self.variables, self._put(ids),
+                                             self._put(mask), tokens, flags, self._put(labels))
+        mean = np.asarray(jax.device_get(mean), np.float64).reshape(batch, 2)
+        p1 = 1.0 / (1.0 + np.exp(mean[:, 1] - mean[:, 0]))
+        both = np.stack([p1, p1], axis=1)  # one reading: no order to average over
         both[[r is None for r in rows]] = np.nan
         return both
 

@@ -71,7 +71,7 @@ def _with_reply(engine, reply):
     return judge.AIFeedback(engine.model, engine.variables, engine.tokenizer, settings)
 
 
-@pytest.mark.parametrize("reply", prompts.JUDGE_REPLIES)
+@pytest.mark.parametrize("reply", prompts.PAIRWISE_REPLIES)
 def test_judge_asks_both_orders_and_swapping_the_answers_mirrors_it(
         engine, prompt_data, reply):  # noqa: F811
     engine = _with_reply(engine, reply)
@@ -163,6 +163,50 @@ def test_feedback_resumes_after_a_crash_and_writes_the_reference_format(
     assert metrics["feedback/kept"] == len(kept)
     assert 0 <= metrics["feedback/agreement_with_truth"] <= 1
     assert 0 <= metrics["feedback/agreement_with_truth_no_context"] <= 1
+
+
+@pytest.mark.parametrize("with_context", [True, False])
+def test_the_likelihood_judge_compares_each_answers_mean_token_logprob(
+        engine, prompt_data, with_context):  # noqa: F811
+    engine = _with_reply(engine, "likelihood")
+    pipe = Pipeline(prompt_data, "train", engine.tokenizer, BATCH, 256, shuffle=False)
+    batch = pipe.batch(0)
+    tokens = engine.encode(batch["frames"])
+    turns = [conversation.first_human_turn(feedback._turns(pipe.record(i)))
+             for i in batch["index"]]
+    answers = [("the square is red", "a blue circle moves left"), ("two", "three"),
+               ("yes", "no"), ("left", "right")]
+    contexts = (["Clip 1: a red square. Clip 2: it moves. Clip 3: it stops."] * BATCH
+                if with_context else None)
+    p = engine.judge(engine.judge_rows(turns, answers, contexts), tokens, batch["has_video"])
+    swapped = engine.judge(engine.judge_rows(turns, [(b, a) for a, b in answers], contexts),
+                           tokens, batch["has_video"])
+    assert p.shape == (BATCH, 2) and np.all((p > 0) & (p < 1))
+    np.testing.assert_array_equal(p[:, 0], p[:, 1])  # no order: one reading
+    np.testing.assert_allclose(swapped, 1 - p, atol=1e-6)
+    # Row 0 by hand: each answer after the video, the context and the question, one at a time
+    # (unpadded), the mean log-prob of its tokens and end-of-turn token.
+    question = prompts.question_with_context(judge.question_of(turns[0]),
+                                             contexts[0] if with_context else None)
+    assert ("Here is a detailed description" in question) == with_context
+    means = []
+    for answer in answers[0]:
+        row = conversation.tokenize_conversation(
+            [conversation.video_question(question), {"from": "gpt", "value": answer}],
+            engine.tokenizer)
+        logits = engine.model.apply(engine.variables, row.input_ids[None],
+                                    np.ones((1, len(row.input_ids)), np.int32),
+                                    has_video=np.ones(1, bool), video_tokens=tokens[:1]).logits
+        logp = jax.nn.log_softmax(np.asarray(logits[0, :-1], np.float64), axis=-1)
+        picked = np.asarray(logp)[np.arange(len(row.input_ids) - 1), row.input_ids[1:]]
+        scored = row.labels[1:] != conversation.IGNORE_INDEX
+        assert row.labels[-1] == engine.tokenizer.eos_token_id  # the end-of-turn counts
+        means.append(picked[scored].mean())
+    np.testing.assert_allclose(p[0, 0], 1 / (1 + np.exp(means[1] - means[0])), atol=1e-5)
+    # Too long for max_judge_length: not judged.
+    rows = engine.judge_rows(turns, [("word " * 600, "x")] + answers[1:], contexts)
+    assert rows[0] is None and rows[1] is not None
+    assert np.isnan(engine.judge(rows, tokens, batch["has_video"])[0]).all()
 
 
 def test_a_restating_judge_reads_where_the_answers_first_differ(world_tokenizer):  # noqa: F811

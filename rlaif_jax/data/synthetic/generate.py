@@ -256,7 +256,7 @@ def _corpus(outputs: dict, descriptions: dict):
     for _ in range(4):
         yield user
         yield assistant
-        for reply in prompts.JUDGE_REPLIES:
+        for reply in prompts.PAIRWISE_REPLIES:
             yield prompts.judge_prompt("q", "1", "2", "c", reply)
     for described in descriptions.values():
         yield described["context"]
