@@ -6,6 +6,7 @@ pinned PyAV (its bundled FFmpeg and x264).
 from __future__ import annotations
 
 import fractions
+import functools
 
 import av
 import numpy as np
@@ -17,8 +18,16 @@ CRF = 12  # near-lossless: decoded frames stay within a few levels of what was d
 X264_OPTIONS = {"crf": str(CRF), "preset": "medium", "x264-params": "bframes=0"}
 
 
+@functools.lru_cache(maxsize=8)
+def _pixel_centres(size: int) -> np.ndarray:
+    """[2, S, S] y and x of each pixel's centre (read-only: shared by every call)."""
+    grid = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    grid.setflags(write=False)
+    return grid
+
+
 def _shape_mask(shape: str, cx: float, cy: float, radius: float, size: int) -> np.ndarray:
-    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    ys, xs = _pixel_centres(size)
     if shape == "square":
         return (np.abs(xs - cx) <= radius) & (np.abs(ys - cy) <= radius)
     if shape == "circle":
