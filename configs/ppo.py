@@ -38,6 +38,9 @@ def _base() -> ml_collections.ConfigDict:
     c.init = "stage:policy_init"  # policy (and reference) = this checkpoint
     c.rm_init = "stage:rm"
     c.run_missing_stages = True  # the main job: make what PPO needs first, saying so
+    # The main job keeps compiled programs in WORKDIR/jax_cache (the chain compiles the same
+    # steps several times); unless JAX_COMPILATION_CACHE_DIR names another place.
+    c.compilation_cache = True
     # ...and the context ablation beside the RM: RMs on the same pairs labelled by the judge
     # without context (WORKDIR/rm_no_context) and by the truth (WORKDIR/rm_oracle)
     c.rm_controls = True

@@ -72,6 +72,8 @@ def run(config, mesh, chain_config=None) -> dict:
     Returns the table's rows by name."""
     if config.reward not in REWARDS:  # before hours of earlier stages
         raise ConfigError(f"reward={config.reward!r}: expected one of {sorted(REWARDS)}")
+    if config.compilation_cache:
+        use_compilation_cache(os.path.abspath(config.workdir))
     if config.run_missing_stages:
         run_missing_stages(config, chain_config)
     ppo_run, _ = run_ppo(config, mesh)
@@ -85,6 +87,18 @@ def run(config, mesh, chain_config=None) -> dict:
               f"{os.path.join(os.path.abspath(config.workdir), REWARDS['truth'])}", flush=True)
         run_ppo(oracle, mesh, ppo_run.loaded)
     return {row["name"]: row["metrics"] for row in held_out_table(config, mesh, ppo_run)}
+
+
+def use_compilation_cache(workdir: str) -> None:
+    """Compiled programs kept on disk in WORKDIR/jax_cache. The chain compiles the same steps
+    several times (three reward models, two PPO runs, one sampler per stage, a rerun after a
+    crash); from the cache each is compiled once. Inside the workdir only: a fresh workdir
+    starts cold."""
+    if jax.config.jax_compilation_cache_dir:  # the user's own choice wins
+        return
+    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+    # Our compiles on CPU take 0.2-10 s each; the default threshold of 1 s would skip most.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
 def rm_table(config) -> str:
