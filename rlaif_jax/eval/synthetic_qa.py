@@ -11,6 +11,8 @@ eval_generic.json), the model answers by greedy decoding (`sampling.generate`) a
   (6 colours, 5 motions, 3 counts, 3 shapes, 3 times, the video's events, before/after);
 - per-axis means of the scorer (`correctness`, `temporal`) on short questions, and on
   descriptions (`describe_correctness`, `describe_detail`, `describe_temporal`);
+- `n_qa` and `n_describe`: how many short questions and descriptions were graded (the n of
+  each mean's standard error);
 - with `blind=True` the same with every item's video swapped for another video's (a fixed
   derangement of the split's videos): what the text alone gives.
 """
@@ -137,12 +139,13 @@ def score_items(items: list[EvalItem], answers: list[str], truths: dict, prefix:
             described.append(score)
     out = {}
     if short:
-        out.update({"exact_match": _mean([s.correct for s in short]),
+        out.update({"n_qa": float(len(short)), "exact_match": _mean([s.correct for s in short]),
                     "correctness": _mean([s.correctness for s in short]),
                     "temporal": _mean([s.temporal for s in short])})
         out.update({f"exact_match/{kind}": _mean(hits) for kind, hits in sorted(by_type.items())})
     if described:
-        out.update({"describe_correctness": _mean([s.correctness for s in described]),
+        out.update({"n_describe": float(len(described)),
+                    "describe_correctness": _mean([s.correctness for s in described]),
                     "describe_detail": _mean([s.detail for s in described]),
                     "describe_temporal": _mean([s.temporal for s in described]),
                     "describe_exact": _mean([s.correct for s in described])})

@@ -67,6 +67,11 @@ def test_exact_match_is_also_reported_per_question_type(world):
     assert all(metrics[f"eval/exact_match/{kind}"] == 1.0 for kind in kinds - {"count"})
     counts = sum(i.spec["type"] == "count" for i in items)
     assert metrics["eval/exact_match"] == pytest.approx(1 - counts / len(items))
+    assert metrics["eval/n_qa"] == len(items) and "eval/n_describe" not in metrics
+    described = [EvalItem(items[0].video_name, "Describe this video in detail.", "",
+                          {"type": "describe"}, empty, empty, 0, empty)] * 3
+    metrics = score_items(described, ["A red square."] * 3, load_truth(str(world)), "eval/")
+    assert metrics["eval/n_describe"] == 3 and "eval/n_qa" not in metrics
 
 
 def test_tiny_model_end_to_end_on_the_world(world, tmp_path, monkeypatch):
