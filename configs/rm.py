@@ -56,7 +56,12 @@ def _base() -> ml_collections.ConfigDict:
 def tiny() -> ml_collections.ConfigDict:
     c = _base()
     c.max_replicated_share = 1.0  # a width-128 model: norms and biases are a large share
-    c.epochs = 6.0
+    # Held-out accuracy reached its level by step 20 of 72 (6 epochs of 191 pairs) in the
+    # default run of 2026-12-04: 3 epochs.
+    c.epochs = 3.0
+    # Rows are padded to max_length: with the world's one-token evaluation prompt a candidate is
+    # its question, its answer (at most 64 tokens from the feedback stage) and 25 more tokens.
+    c.max_length = 96
     c.optim.update(dict(lr=3e-4, schedule="cosine", warmup_ratio=0.05, grad_clip=1.0))
     c.checkpoint.every = 200
     return c

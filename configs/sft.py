@@ -106,6 +106,10 @@ def tiny() -> ml_collections.ConfigDict:
     # whatever the question (held-out exact match 0.22, 397 of 612 answers a description);
     # ending on `short` lost the descriptions (docs/log/training.md).
     c.data.curriculum = (("short", 0.3), ("long", 0.3), ("short+long", 0.4))
+    # The world's tokenizer writes the template's system sentence as one token (28 fewer a row):
+    # rows are padded to these lengths, which keep the same rows as 96 / 52 did before.
+    c.data.max_length = 68
+    c.data.split_max_length = (("short", 24),)
     return c
 
 
@@ -139,7 +143,11 @@ def _policy_init(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def policy_init_tiny() -> ml_collections.ConfigDict:
     c = _policy_init(tiny())
-    c.num_steps = 100
+    # 100 steps left held-out exact match where SFT had it (0.474 both, 2026-12-04); 40 for the
+    # main job's time budget. Its table grades the model, so the stage does not
+    # (--config.log.eval_every=0 does).
+    c.num_steps = 40
+    c.log.eval_every = -1
     c.optim.update(dict(lr=1e-3, warmup_ratio=0.03, schedule="cosine", grad_clip=0.3))
     return c
 

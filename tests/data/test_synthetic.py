@@ -84,6 +84,15 @@ def test_tokenizer_special_tokens(world_dir, world_tokenizer):
     assert 300 < len(tok) <= 1100
     one, two = conversation.judge_choice_token_ids(tok)
     assert one != two and tok.decode([one]).strip() == "1" and tok.decode([two]).strip() == "2"
+    # The template's system sentence is one token; the rest of a row is tokenised as by the BPE
+    # alone, and the row decodes back to its text.
+    text, _ = conversation.render([conversation.video_question("What colour is the square?"),
+                                   {"from": "gpt", "value": "red"}])
+    ids = tok(text)["input_ids"]
+    assert ids[1] == tok.convert_tokens_to_ids(prompts.VICUNA_V1_SYSTEM)
+    assert tok.decode(ids, skip_special_tokens=False) == "<s>" + text
+    rest = text[len(prompts.VICUNA_V1_SYSTEM):]
+    assert ids[2:] == tok(rest, add_special_tokens=False)["input_ids"]
 
 
 # A known video: a red square moving right; a yellow circle appears in the middle, moves up and

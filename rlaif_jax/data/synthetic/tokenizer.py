@@ -3,17 +3,26 @@
 Saved as a `PreTrainedTokenizerFast` directory, so `AutoTokenizer.from_pretrained(dir)` loads it
 offline. Like LLaMA's, it prepends `<s>` when asked for special tokens; `<image>` is a special
 token (one id), and the judge's labels are single tokens after "ASSISTANT:".
+
+The template's system sentence, the same 29 BPE tokens at the start of every row, is one token
+of its own (an added token, matched before the BPE): it was about 40% of the tokens of a short
+row, so every stage's compute went a third into a sentence that says nothing about the video.
+The reward model's fixed evaluation prompt (about 70 tokens a row) likewise. They still render
+and decode as the same text; real checkpoints keep their own tokenizers.
 """
 from __future__ import annotations
 
 from typing import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from rlaif_jax.data import conversation, prompts
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
+# Texts many rows repeat verbatim, each kept as one (non-special) token: the system sentence
+# (every row) and the reward model's evaluation question and score prefix (every RM row).
+TEMPLATE_TOKENS = (prompts.VICUNA_V1_SYSTEM,) + prompts.rm_evaluation_prompt()
 SPECIAL_TOKENS = (UNK, BOS, EOS, PAD, prompts.IMAGE_TOKEN)
 DEFAULT_VOCAB_SIZE = 1000
 
@@ -37,6 +46,9 @@ def train_tokenizer(texts: Iterable[str], out_dir: str,
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token=BOS, eos_token=EOS, unk_token=UNK, pad_token=PAD,
         extra_special_tokens=[prompts.IMAGE_TOKEN], model_max_length=4096)
+    # After training, so that the BPE merges (and every other id) are those of the corpus.
+    tokenizer.add_tokens([AddedToken(text, normalized=False, special=False)
+                          for text in TEMPLATE_TOKENS])
     conversation.judge_choice_token_ids(tokenizer)  # raises if a label spans several tokens
     tokenizer.save_pretrained(out_dir)
     return tokenizer
