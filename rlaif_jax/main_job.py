@@ -21,7 +21,9 @@ Each row is written to WORKDIR/eval/<row>/results.json (the eval harness's forma
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from typing import Callable, Optional
 
 import jax
@@ -45,8 +47,27 @@ RM_COLUMNS = (("vs truth", "eval/rm_accuracy_truth"),
               ("held-out pairs", "eval/heldout_pairs"))
 
 
+class StageClock:
+    """Wall seconds of each part of the main job: printed as each part ends and kept in
+    WORKDIR/eval/stage_times.json (a resumed job adds its seconds to what is there)."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, "eval", "stage_times.json")
+        self.seconds = read_json(self.path) if os.path.isfile(self.path) else {}
+
+    @contextlib.contextmanager
+    def part(self, name: str):
+        start = time.perf_counter()
+        yield
+        took = time.perf_counter() - start
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + took, 1)
+        if jax.process_index() == 0:
+            atomic_write_json(self.path, self.seconds)
+        print(f"[main] {name} took {took:.0f} s", flush=True)
+
+
 def run_missing_stages(config, chain_config: Optional[Callable[[str], ml_collections.ConfigDict]],
-                       ) -> list[str]:
+                       clock: Optional[StageClock] = None) -> list[str]:
     """Runs every stage of CHAIN whose output is missing, in order; returns the ones it ran.
     `chain_config(stage)` gives that stage's config for this job (workdir and seed set)."""
     workdir = os.path.abspath(config.workdir)
@@ -62,7 +83,8 @@ def run_missing_stages(config, chain_config: Optional[Callable[[str], ml_collect
                               "--config.rm_init to existing checkpoints")
         stage_config = chain_config(stage)
         print(f"[main] {directory} has no output: running stage {stage} first", flush=True)
-        run_stage(stage_config)
+        with clock.part(stage) if clock else contextlib.nullcontext():
+            run_stage(stage_config)
         ran.append(stage)
     return ran
 
@@ -74,9 +96,11 @@ def run(config, mesh, chain_config=None) -> dict:
         raise ConfigError(f"reward={config.reward!r}: expected one of {sorted(REWARDS)}")
     if config.compilation_cache:
         use_compilation_cache(os.path.abspath(config.workdir))
+    clock = StageClock(os.path.abspath(config.workdir))
     if config.run_missing_stages:
-        run_missing_stages(config, chain_config)
-    ppo_run, _ = run_ppo(config, mesh)
+        run_missing_stages(config, chain_config, clock)
+    with clock.part(REWARDS[config.reward]):
+        ppo_run, _ = run_ppo(config, mesh)
     rm_table(config)
     if not config.eval.controls:
         return {}
@@ -85,8 +109,11 @@ def run(config, mesh, chain_config=None) -> dict:
         oracle.reward = "truth"
         print("[main] control: PPO on the true reward (the world's scorer) -> "
               f"{os.path.join(os.path.abspath(config.workdir), REWARDS['truth'])}", flush=True)
-        run_ppo(oracle, mesh, ppo_run.loaded)
-    return {row["name"]: row["metrics"] for row in held_out_table(config, mesh, ppo_run)}
+        with clock.part(REWARDS["truth"]):
+            run_ppo(oracle, mesh, ppo_run.loaded)
+    with clock.part("eval"):
+        rows = held_out_table(config, mesh, ppo_run)
+    return {row["name"]: row["metrics"] for row in rows}
 
 
 def use_compilation_cache(workdir: str) -> None:

@@ -7,6 +7,7 @@ and the held-out table in one process; a rerun then redoes nothing. The report r
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -56,6 +57,13 @@ def test_main_job_runs_the_missing_stages_in_order_then_ppo(main_job):
         evals = [r["step"] for r in records if "eval/exact_match" in r]
         assert evals == [2, 4]
         assert os.path.isfile(os.path.join(workdir, stage, "best.json"))
+    # Each part's wall time, as the job printed it; the compiled programs stayed in the workdir.
+    times = json.load(open(os.path.join(workdir, "eval", "stage_times.json")))
+    assert set(times) == {"policy_init", "feedback", "rm", "rm_no_context", "rm_oracle", "ppo",
+                          "ppo_oracle", "eval"}
+    assert all(seconds > 0 for seconds in times.values())
+    assert re.search(r"\[main\] ppo took \d+ s", out)
+    assert os.listdir(os.path.join(workdir, "jax_cache"))
     # The RLAIF run scored with the RM; the control with the scorer (in [0, 1]).
     oracle = [r["rollout/score_mean"] for r in _metrics(
         os.path.join(workdir, "ppo_oracle", "metrics.jsonl")) if "rollout/score_mean" in r]
@@ -105,6 +113,7 @@ def test_rerun_resumes_instead_of_redoing(main_job):
     # No PPO iteration ran twice; the table came back from the eval files unchanged.
     records = _metrics(os.path.join(workdir, "ppo", "metrics.jsonl"))
     assert [r["step"] for r in records if "rollout/score_mean" in r] == [1, 2, 3, 4]
+    assert "[main] eval took" in second  # the table, read back
     table = lambda out: out[out.index("[table] held-out questions"):].split("\n\n")[0]  # noqa
     assert table(second) == table(first)
 
