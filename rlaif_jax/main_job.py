@@ -74,6 +74,10 @@ def run_missing_stages(config, chain_config: Optional[Callable[[str], ml_collect
     ran = []
     for stage in CHAIN + (RM_CONTROLS if config.rm_controls else ()):
         directory = os.path.join(workdir, stage)
+        if stage == "rm_no_context" and _judge_context(workdir) == "none":
+            print("[main] the judge read no context: its labels without context are the RM's "
+                  "own; not training rm_no_context", flush=True)
+            continue
         if stage_done(workdir, stage):
             print(f"[main] {directory} is done: not redoing stage {stage}", flush=True)
             continue
@@ -87,6 +91,12 @@ def run_missing_stages(config, chain_config: Optional[Callable[[str], ml_collect
             run_stage(stage_config)
         ran.append(stage)
     return ran
+
+
+def _judge_context(workdir: str) -> Optional[str]:
+    """The context the feedback stage of `workdir` gave its judge (None if unknown)."""
+    path = os.path.join(workdir, "feedback", "config.json")
+    return read_json(path).get("context") if os.path.isfile(path) else None
 
 
 def run(config, mesh, chain_config=None) -> dict:
