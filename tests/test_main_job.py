@@ -256,3 +256,22 @@ def test_agreement_breakdown_rescores_the_rm_as_its_stage_did(main_job):
     for against in ("truth", "ai"):
         accuracy = agreement.breakdown(rows, "type", against=against)["all"][1]
         assert accuracy == pytest.approx(final[f"eval/rm_accuracy_{against}"], abs=1e-6)
+
+
+@pytest.mark.parametrize("context", ["none", "question"])
+def test_the_no_context_rm_is_trained_only_when_the_judge_read_a_context(
+        tmp_path, monkeypatch, context):
+    import ml_collections
+
+    from rlaif_jax import main_job
+
+    (tmp_path / "feedback").mkdir()
+    (tmp_path / "feedback" / "config.json").write_text(json.dumps({"context": context}))
+    ran = []
+    monkeypatch.setattr(main_job, "stage_done", lambda workdir, stage: False)
+    monkeypatch.setattr(main_job, "run_stage", ran.append)
+    config = ml_collections.ConfigDict(dict(workdir=str(tmp_path), rm_controls=True))
+    main_job.run_missing_stages(config, lambda stage: stage)
+    expected = ["sft", "policy_init", "feedback", "rm"] + (
+        ["rm_no_context"] if context != "none" else []) + ["rm_oracle"]
+    assert ran == expected
