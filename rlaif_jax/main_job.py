@@ -43,7 +43,7 @@ CHAIN = ("sft", "policy_init", "feedback", "rm")
 RM_CONTROLS = ("rm_no_context", "rm_oracle")
 RM_COLUMNS = (("vs truth", "eval/rm_accuracy_truth"),
               ("vs truth, decisive", "eval/rm_accuracy_truth_decisive"),
-              ("vs the judge with context", "eval/rm_accuracy_ai"),
+              ("vs the AI judge's labels", "eval/rm_accuracy_ai"),
               ("held-out pairs", "eval/heldout_pairs"))
 
 
