@@ -297,10 +297,7 @@ class AIFeedback:
         length = bucket_length(max(len(ids) for ids, _ in flat), self.settings.prompt_bucket)
         ids, mask = conversation.left_pad([ids for ids, _ in flat], self.pad, length)
         choices = np.stack([c for _, c in flat])
-        tokens = flags = None
-        if self.vision:
-            tokens = jnp.repeat(video_tokens, 2, axis=0)
-            flags = self._put(np.repeat(np.asarray(has_video, bool), 2))
+        tokens, flags = self._video_for_two_rows_a_pair(video_tokens, has_video)
         with su.mesh_context(self.mesh, self.rules):
             logp = _choice_logprobs_jit(self.model, self.variables, self._put(ids),
                                         self._put(mask), tokens, flags, self._put(choices))
@@ -308,6 +305,14 @@ class AIFeedback:
         both = np.stack([p[:, 0, 0], p[:, 1, 1]], axis=1)  # P(answer 1 better) per order
         both[[r is None for r in rows]] = np.nan
         return both
+
+    def _video_for_two_rows_a_pair(self, video_tokens, has_video):
+        """(video tokens, has_video) repeated for two judge rows per pair (the two orders, or
+        the two answers); (None, None) for a text model."""
+        if not self.vision:
+            return None, None
+        return (jnp.repeat(video_tokens, 2, axis=0),
+                self._put(np.repeat(np.asarray(has_video, bool), 2)))
 
     def _likelihood_rows(self, question_turns, answers, contexts) -> list[Optional[tuple]]:
         """Per pair, each answer's (token ids, label mask) after the video, the context and the
@@ -336,10 +341,7 @@ class AIFeedback:
         for k, (row_ids, row_labels) in enumerate(flat):  # right-padded: the answers are read
             ids[k, :len(row_ids)], mask[k, :len(row_ids)] = row_ids, 1
             labels[k, :len(row_ids)] = row_labels
-        tokens = flags = None
-        if self.vision:
-            tokens = jnp.repeat(video_tokens, 2, axis=0)
-            flags = self._put(np.repeat(np.asarray(has_video, bool), 2))
+        tokens, flags = self._video_for_two_rows_a_pair(video_tokens, has_video)
         with su.mesh_context(self.mesh, self.rules):
             mean = _answer_mean_logprobs_jit(self.model, self.variables, self._put(ids),
                                              self._put(mask), tokens, flags, self._put(labels))

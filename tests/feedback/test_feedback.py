@@ -45,7 +45,7 @@ def engine(world_tokenizer):  # noqa: F811
         "sampling.max_new_tokens": 6, "sampling.temperature": 1.0,
         "context_sampling.max_new_tokens": 4, "context_sampling.temperature": 0.0,
         "prompt_bucket": 128, "num_clips": 3, "margin": 0.3, "max_judge_length": 512,
-        "judge_reply": "label"})
+        "judge_reply": "label", "context": "describe"})
     return judge.AIFeedback(model, variables, tok, settings)
 
 
@@ -66,6 +66,19 @@ def test_decide_averages_both_orders_and_drops_under_the_margin():
     assert p1 == pytest.approx(0.45) and confidence == pytest.approx(0.55)
 
 
+ANSWERS = [("the square is red", "a blue circle moves left"), ("two", "three"), ("yes", "no"),
+           ("left", "right")]
+
+
+def _first_batch(engine, prompt_data):
+    """(the prompt build's first batch, its video tokens, its question turns)."""
+    pipe = Pipeline(prompt_data, "train", engine.tokenizer, BATCH, 256, shuffle=False)
+    batch = pipe.batch(0)
+    turns = [conversation.first_human_turn(feedback._turns(pipe.record(i)))
+             for i in batch["index"]]
+    return batch, engine.encode(batch["frames"]), turns
+
+
 def _with_reply(engine, reply):
     settings = dataclasses.replace(engine.settings, judge_reply=reply)
     return judge.AIFeedback(engine.model, engine.variables, engine.tokenizer, settings)
@@ -75,13 +88,8 @@ def _with_reply(engine, reply):
 def test_judge_asks_both_orders_and_swapping_the_answers_mirrors_it(
         engine, prompt_data, reply):  # noqa: F811
     engine = _with_reply(engine, reply)
-    pipe = Pipeline(prompt_data, "train", engine.tokenizer, BATCH, 256, shuffle=False)
-    batch = pipe.batch(0)
-    tokens = engine.encode(batch["frames"])
-    turns = [conversation.first_human_turn(feedback._turns(pipe.record(i)))
-             for i in batch["index"]]
-    answers = [("the square is red", "a blue circle moves left"), ("two", "three"),
-               ("yes", "no"), ("left", "right")]
+    batch, tokens, turns = _first_batch(engine, prompt_data)
+    answers = ANSWERS
     contexts = ["Clip 1: a red square. Clip 2: it moves. Clip 3: it stops."] * BATCH
     p = engine.judge(engine.judge_rows(turns, answers, contexts), tokens, batch["has_video"])
     swapped = engine.judge(engine.judge_rows(turns, [(b, a) for a, b in answers], contexts),
@@ -169,13 +177,8 @@ def test_feedback_resumes_after_a_crash_and_writes_the_reference_format(
 def test_the_likelihood_judge_compares_each_answers_mean_token_logprob(
         engine, prompt_data, with_context):  # noqa: F811
     engine = _with_reply(engine, "likelihood")
-    pipe = Pipeline(prompt_data, "train", engine.tokenizer, BATCH, 256, shuffle=False)
-    batch = pipe.batch(0)
-    tokens = engine.encode(batch["frames"])
-    turns = [conversation.first_human_turn(feedback._turns(pipe.record(i)))
-             for i in batch["index"]]
-    answers = [("the square is red", "a blue circle moves left"), ("two", "three"),
-               ("yes", "no"), ("left", "right")]
+    batch, tokens, turns = _first_batch(engine, prompt_data)
+    answers = ANSWERS
     contexts = (["Clip 1: a red square. Clip 2: it moves. Clip 3: it stops."] * BATCH
                 if with_context else None)
     p = engine.judge(engine.judge_rows(turns, answers, contexts), tokens, batch["has_video"])
@@ -274,12 +277,14 @@ def test_time_localised_agreement_pairs_the_two_judges_on_decisive_temporal_pair
         np.sqrt(np.var(gain, ddof=1) / 4))
 
 
-@pytest.mark.parametrize("context", ["question", "describe"])
+@pytest.mark.parametrize("context,reply", [("question", "label"), ("describe", "label"),
+                                           ("question", "likelihood")])
 def test_contexts_and_verdicts_never_see_the_truth(engine, prompt_data, world_dir, tmp_path,
-                                                   context):  # noqa: F811
+                                                   context, reply):  # noqa: F811
     """The RL prompts' truth only grades: shuffled, contexts and judge verdicts are the same."""
     engine = judge.AIFeedback(engine.model, engine.variables, engine.tokenizer,
-                              dataclasses.replace(engine.settings, context=context))
+                              dataclasses.replace(engine.settings, context=context,
+                                                  judge_reply=reply))
     pipe = Pipeline(prompt_data, "train", engine.tokenizer, BATCH, 256, shuffle=False)
     with open(os.path.join(world_dir, "ppo_prompts.json")) as f:
         items = {str(i["uid"]): i for i in json.load(f)}
