@@ -192,10 +192,14 @@ def test_long_items_are_truncated_or_dropped_and_counted(instruction_data, world
     batch = cut.batch(0)
     image_id = conversation.image_token_id(world_tokenizer)
     assert ((batch["input_ids"] == image_id).sum(axis=1) == 1).all()  # never cut away
-    tiny = Pipeline(instruction_data, "long", world_tokenizer, batch_size=2, max_length=80)
-    assert not tiny.skipped  # the placeholder sits at about token 36
+    # Every row's placeholder sits at the same token (after the template's opening):
+    # a max_length that ends before it leaves nothing usable.
+    placeholder = int(np.flatnonzero(batch["input_ids"][0] == image_id)[0])
+    tiny = Pipeline(instruction_data, "long", world_tokenizer, batch_size=2,
+                    max_length=placeholder + 2)
+    assert not tiny.skipped
     with pytest.raises(ValueError, match="no usable examples"):
-        Pipeline(instruction_data, "long", world_tokenizer, batch_size=2, max_length=20)
+        Pipeline(instruction_data, "long", world_tokenizer, batch_size=2, max_length=placeholder)
 
 
 def test_fewer_frames_than_stored_are_resampled(instruction_data, world_tokenizer):  # noqa: F811
