@@ -43,10 +43,26 @@ def matmul_ceiling_flops(size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 / best
 
 
+def cpu_model() -> str:
+    """The CPU's model name as the kernel reports it (a ratio that holds on one CPU may not on
+    another: every line says which it came from)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
-    """What a reader needs to judge a timing: cores, load, thread settings."""
+    """What a reader needs to judge a timing: the CPU, cores, load, thread settings."""
     import torch
 
-    return {"cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
+    return {"cpu_model": cpu_model(), "cpus": os.cpu_count(),
+            "load_avg_1m": round(os.getloadavg()[0], 2),
             "torch_threads": torch.get_num_threads(),
             "xla_flags": os.environ.get("XLA_FLAGS", "")}
