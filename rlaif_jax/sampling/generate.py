@@ -347,8 +347,10 @@ def _generate_core(decoder, variables, input_ids, attention_mask, video_tokens, 
     # The decode steps' view of the LLM and its cache (the prefill above keeps the scanned
     # layers and the stacked cache): see SamplingConfig.unroll_decode_layers.
     unroll = sampling.unroll_decode_layers
-    if unroll is None:
-        unroll = jax.default_backend() == "cpu"
+    if unroll is None:  # the mesh's platform: a TPU topology compiled from a CPU is TPU
+        platform = (mesh.devices.flat[0].platform if mesh is not None
+                    else jax.default_backend())
+        unroll = platform == "cpu"
     step_decoder, step_variables = decoder, variables
     if unroll and hasattr(decoder, "unrolled_llm"):
         step_decoder, step_variables = decoder.unrolled_llm(variables)
