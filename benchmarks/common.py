@@ -27,6 +27,32 @@ def alternate(runners: dict[str, Callable[[], None]], runs: int) -> dict[str, di
                    "wall_all_s": [round(t, 4) for t in wall[name]]} for name in runners}
 
 
+_TORCH_DEFAULT_THREADS = 0  # torch's own default, before any probe changed it
+
+
+def fastest_torch_threads(probe: Callable[[], None]) -> dict[int, float]:
+    """Runs `probe` (a short piece of the PyTorch side's work) once with torch's default thread
+    count and once with 1 thread, and leaves torch on the faster; returns {threads: seconds}.
+
+    Why: with other processes on the cores, torch's OpenMP threads wait for each other at every
+    op (on 2 cores at load average 5, `generate` ran 20 times slower with 2 threads than with
+    1). Their best setting keeps the ratio from flattering us on a busy machine; on a quiet one
+    the default wins and nothing changes."""
+    import torch
+
+    global _TORCH_DEFAULT_THREADS
+    _TORCH_DEFAULT_THREADS = _TORCH_DEFAULT_THREADS or torch.get_num_threads()
+    seconds = {}
+    for threads in sorted({_TORCH_DEFAULT_THREADS, 1}, reverse=True):
+        torch.set_num_threads(threads)
+        probe()  # warm-up at this setting
+        start = time.perf_counter()
+        probe()
+        seconds[threads] = round(time.perf_counter() - start, 4)
+    torch.set_num_threads(min(seconds, key=seconds.get))
+    return seconds
+
+
 def matmul_ceiling_flops(size: int = 2048, repeats: int = 5) -> float:
     """Best observed float32 matmul rate of this machine through XLA (FLOP/s)."""
     import jax

@@ -5,8 +5,10 @@ left-padded prompts, the same number of new tokens, no early stop; runs alternat
 Prints one JSON object a line: generated tokens/s of each side and the ratio, and for greedy the
 share of rows whose tokens agree exactly with transformers'.
 
-- For every `--batch` (default 8 and 64): `mode` greedy and sample_t1 (temperature 1, no
-  top-k / top-p) with the model's own float32 KV cache: the main lines.
+- The main lines, with the model's own float32 KV cache: `mode` greedy at every `--batch`
+  (default 8 and 64), and sample_t1 (temperature 1, no top-k / top-p) at the first.
+- torch's thread count is the faster of its default and 1, probed on a few tokens
+  (benchmarks/common.py: fastest_torch_threads); each line records both times.
 - Variants, at the first batch, greedy: a bfloat16 and an int8 cache (`variant` cache_bfloat16 /
   cache_int8); their ratio is against transformers' float32 `generate`, and `rows_identical`
   says how often the smaller cache still picks transformers' tokens.
@@ -33,7 +35,7 @@ import torch
 import transformers
 
 import rlaif_jax
-from benchmarks.common import machine
+from benchmarks.common import fastest_torch_threads, machine
 from rlaif_jax.sampling.generate import SamplingConfig, generate
 
 
@@ -122,6 +124,8 @@ def measure(sides: Sides, args, rows: int, mode: str, cache_dtype: str = "") -> 
     sampling = SamplingConfig(max_new_tokens=args.new, temperature=temperature,
                               eos_token_id=None, prompt_bucket=args.prompt,
                               cache_dtype=cache_dtype)
+    # A few tokens of theirs pick torch's thread count (benchmarks/common.py says why).
+    probe = fastest_torch_threads(lambda: sides.theirs(batch, temperature, new=4))
     median, every, ours_tokens, theirs_tokens = timed_pair(
         lambda: sides.ours(batch, sampling), lambda: sides.theirs(batch, temperature), args.runs)
     generated = rows * args.new
@@ -137,6 +141,7 @@ def measure(sides: Sides, args, rows: int, mode: str, cache_dtype: str = "") -> 
         "tokens_per_s_ratio_ours_over_theirs": round(median["theirs"] / median["ours"], 3),
         "ours_s": round(median["ours"], 4), "theirs_s": round(median["theirs"], 4),
         "ours_all_s": every["ours"], "theirs_all_s": every["theirs"],
+        "torch_thread_probe_s": probe,
     })
     if mode == "greedy":
         record["rows_identical"] = float(np.mean(np.all(ours_tokens == theirs_tokens, -1)))
@@ -213,12 +218,12 @@ def decode_profile(sides: Sides, args, rows: int) -> dict:
 
     ids, mask = left_padded_prompts(rows, args.prompt, args.vocab)
     batch = {"input_ids": ids, "attention_mask": mask}
-    sides.theirs(batch, 0.0)
+    probe = fastest_torch_threads(lambda: sides.theirs(batch, 0.0, new=4))
     whole = _best_seconds(lambda: sides.theirs(batch, 0.0))
     prefill = _best_seconds(lambda: sides.theirs(batch, 0.0, new=1))
     step = (whole - prefill) / (args.new - 1)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        sides.theirs(batch, 0.0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:  # 16 tokens: the trace's memory
+        sides.theirs(batch, 0.0, new=16)
     kinds: collections.Counter = collections.Counter()
     for item in prof.key_averages():
         kinds[_torch_op_kind(item.key)] += item.self_cpu_time_total / 1e6
@@ -228,11 +233,11 @@ def decode_profile(sides: Sides, args, rows: int) -> dict:
         "name": "generation_profile", "dims": {"layers": args.layers, "hidden": args.hidden,
                                                 "batch": rows, "prompt": args.prompt,
                                                 "new": args.new},
-        **machine(),
+        **machine(), "torch_thread_probe_s": probe,
         "theirs_generate_s": round(whole, 4), "theirs_prefill_s": round(prefill, 4),
         "theirs_decode_step_ms": round(1e3 * step, 3),
-        # One whole generate (prefill included) under torch.profiler, self time by op kind; the
-        # rest of its wall is Python (generate's loop, module calls) that the profiler omits.
+        # A generate of 16 tokens (prefill included) under torch.profiler, self time by op kind
+        # (the profiler's own overhead included; the Python between ops is not).
         "theirs_profiled_s_by_kind": {k: round(v, 4) for k, v in kinds.most_common()},
         "theirs_matmul_share_of_op_time": round(kinds["matmul"] / sum(kinds.values()), 3),
         # A decode step's matmuls (projections, MLP, LM head on [rows, hidden]) timed alone.
@@ -250,7 +255,9 @@ def main(argv=None):
     modes = [m for m in args.modes.split(",") if m]
     sides = Sides(args)
     for rows in batches:
-        for mode in modes:
+        # Every mode at the first batch; greedy (the parity check) at the others, which keeps
+        # `benchmarks.run` within its time on 2 cores.
+        for mode in (modes if rows == batches[0] else [m for m in modes if m == "greedy"]):
             print(json.dumps(measure(sides, args, rows, mode)), flush=True)
     for cache_dtype in [c for c in args.cache_variants.split(",") if c]:
         print(json.dumps(measure(sides, args, batches[0], "greedy", cache_dtype)), flush=True)

@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer runs, smaller dims")
     parser.add_argument("--only", default="", help=f"comma-separated subset of {list(BENCHMARKS)}")
     parser.add_argument("--profile", action="store_true", help="also where train-step time goes")
-    parser.add_argument("--timeout", type=float, default=900, help="seconds per benchmark")
+    parser.add_argument("--timeout", type=float, default=1500, help="seconds per benchmark")
     args = parser.parse_args(argv)
     names = [n for n in args.only.split(",") if n] or list(BENCHMARKS)
     unknown = sorted(set(names) - set(BENCHMARKS))
