@@ -331,6 +331,8 @@ class Llama(nn.Module):
         Without a cache: causal attention over the L given tokens, `attention_mask` [B, L].
         With a cache of length S: the L tokens are written at slots cache_index.., and
         `attention_mask` [B, S] marks which cache slots hold real tokens (the caller keeps it).
+        The cache is the stacked one (`init_cache`) or, with unscanned layers, the per-layer
+        one of `kv_cache.to_layers` (the CPU decode loop's), returned in the same form.
         """
         cfg = self.config
         if inputs_embeds is None:
