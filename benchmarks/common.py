@@ -27,6 +27,32 @@ def alternate(runners: dict[str, Callable[[], None]], runs: int) -> dict[str, di
                    "wall_all_s": [round(t, 4) for t in wall[name]]} for name in runners}
 
 
+_TORCH_DEFAULT_THREADS = 0  # torch's own default, before any probe changed it
+
+
+def fastest_torch_threads(probe: Callable[[], None]) -> dict[int, float]:
+    """Runs `probe` (a short piece of the PyTorch side's work) once with torch's default thread
+    count and once with 1 thread, and leaves torch on the faster; returns {threads: seconds}.
+
+    Why: with other processes on the cores, torch's OpenMP threads wait for each other at every
+    op (on 2 cores at load average 5, `generate` ran 20 times slower with 2 threads than with
+    1). Their best setting keeps the ratio from flattering us on a busy machine; on a quiet one
+    the default wins and nothing changes."""
+    import torch
+
+    global _TORCH_DEFAULT_THREADS
+    _TORCH_DEFAULT_THREADS = _TORCH_DEFAULT_THREADS or torch.get_num_threads()
+    seconds = {}
+    for threads in sorted({_TORCH_DEFAULT_THREADS, 1}, reverse=True):
+        torch.set_num_threads(threads)
+        probe()  # warm-up at this setting
+        start = time.perf_counter()
+        probe()
+        seconds[threads] = round(time.perf_counter() - start, 4)
+    torch.set_num_threads(min(seconds, key=seconds.get))
+    return seconds
+
+
 def matmul_ceiling_flops(size: int = 2048, repeats: int = 5) -> float:
     """Best observed float32 matmul rate of this machine through XLA (FLOP/s)."""
     import jax
@@ -43,10 +69,26 @@ def matmul_ceiling_flops(size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 / best
 
 
+def cpu_model() -> str:
+    """The CPU's model name as the kernel reports it (a ratio that holds on one CPU may not on
+    another: every line says which it came from)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
-    """What a reader needs to judge a timing: cores, load, thread settings."""
+    """What a reader needs to judge a timing: the CPU, cores, load, thread settings."""
     import torch
 
-    return {"cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
+    return {"cpu_model": cpu_model(), "cpus": os.cpu_count(),
+            "load_avg_1m": round(os.getloadavg()[0], 2),
             "torch_threads": torch.get_num_threads(),
             "xla_flags": os.environ.get("XLA_FLAGS", "")}

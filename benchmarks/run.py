@@ -1,7 +1,7 @@
 """All CPU benchmarks against the PyTorch stack in one run: one JSON object a line (each with
 `name` and its ratio fields), then a summary table.
 
-    python -m benchmarks.run            # the issue's dims (~10 minutes on 2 quiet cores)
+    python -m benchmarks.run            # the issue's dims (13.8 minutes on 2 busy cores, 2026-12-04)
     python -m benchmarks.run --quick    # fewer runs and smaller dims (~3 minutes)
     python -m benchmarks.run --only sft_train_step,generation --profile
 
@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 
+from benchmarks.common import cpu_model
+
 # XLA:CPU matmuls through oneDNN instead of YNNPACK: ~10% faster train steps on this CPU
 # (docs/benchmarks.md). Used unless XLA_FLAGS is set; every line records the flags it ran with.
 CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=eltwise "
@@ -30,7 +32,8 @@ BENCHMARKS = {
     "video_llm_train_step": ("benchmarks.video_step", [],
                              ["--runs", "3", "--layers", "4", "--vision_layers", "2"],
                              (("ratio_ours_over_theirs", True),)),
-    "generation": ("benchmarks.generation", [], ["--runs", "2", "--new", "32"],
+    "generation": ("benchmarks.generation", [],
+                   ["--runs", "2", "--layers", "4", "--new", "32", "--cache_variants", ""],
                    (("tokens_per_s_ratio_ours_over_theirs", False),)),
     "data_pipeline": ("benchmarks.data_pipeline", [],
                       ["--num_train", "64", "--steps", "16", "--long_source_frames", "0"],
@@ -42,7 +45,7 @@ BENCHMARKS = {
 def run_one(name: str, quick: bool, profile: bool, timeout: float) -> list[dict]:
     module, full, short, _ = BENCHMARKS[name]
     args = list(short if quick else full)
-    if profile and name in ("sft_train_step", "video_llm_train_step"):
+    if profile and name in ("sft_train_step", "video_llm_train_step", "generation"):
         args.append("--profile")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
@@ -65,6 +68,7 @@ def run_one(name: str, quick: bool, profile: bool, timeout: float) -> list[dict]
         records.append({"name": name, "error": f"exit {proc.returncode}: {' | '.join(tail)}"})
     for record in records:
         record.setdefault("benchmark_seconds", round(time.perf_counter() - started, 1))
+        record.setdefault("cpu_model", cpu_model())
     return records
 
 
@@ -73,7 +77,10 @@ def summary(records: list[dict]) -> str:
     fields = {field: lower for *_, ratios in BENCHMARKS.values() for field, lower in ratios}
     rows = [("benchmark", "ratio", "value", "better")]
     for record in records:
-        label = record["name"] + (f" [{record['mode']}]" if "mode" in record else "")
+        label = record["name"] + "".join(f" [{record[key]}]" for key in ("mode", "variant")
+                                         if key in record)
+        if record["name"] == "generation" and "dims" in record:
+            label += f" [batch {record['dims']['batch']}]"
         if "source_frames" in record:
             label += f" [{record['source_frames']}-frame sources]"
         if "error" in record:
@@ -91,7 +98,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer runs, smaller dims")
     parser.add_argument("--only", default="", help=f"comma-separated subset of {list(BENCHMARKS)}")
     parser.add_argument("--profile", action="store_true", help="also where train-step time goes")
-    parser.add_argument("--timeout", type=float, default=900, help="seconds per benchmark")
+    parser.add_argument("--timeout", type=float, default=1500, help="seconds per benchmark")
     args = parser.parse_args(argv)
     names = [n for n in args.only.split(",") if n] or list(BENCHMARKS)
     unknown = sorted(set(names) - set(BENCHMARKS))

@@ -22,7 +22,8 @@ import torch
 import transformers
 
 import rlaif_jax
-from benchmarks.common import alternate, machine, matmul_ceiling_flops
+from benchmarks.common import (alternate, fastest_torch_threads, machine,
+                               matmul_ceiling_flops)
 from benchmarks.profile import jax_breakdown, rounded, torch_breakdown
 from rlaif_jax.models.flops import llama_train_step_flops
 
@@ -127,6 +128,7 @@ def main(argv=None):
     theirs_model = hf_llama(args)
     ours = make_ours(theirs_model, input_ids, bool(args.scan_layers), args.attention_block)
     theirs = make_theirs(theirs_model, input_ids)
+    probe = fastest_torch_threads(theirs)  # torch's faster thread count (common.py says why)
     times = alternate({"ours": ours, "theirs": theirs}, args.runs)
     config = rlaif_jax.models.llama.LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
@@ -136,6 +138,7 @@ def main(argv=None):
     ours_s, theirs_s = times["ours"]["wall_s"], times["theirs"]["wall_s"]
     record = {
         "name": "sft_train_step", "dims": vars(args), **machine(),
+        "torch_thread_probe_s": probe,
         "ours_s": round(ours_s, 4), "theirs_s": round(theirs_s, 4),
         "ratio_ours_over_theirs": round(ours_s / theirs_s, 3),
         "cpu_ratio_ours_over_theirs": round(times["ours"]["cpu_s"] / times["theirs"]["cpu_s"], 3),

@@ -22,7 +22,8 @@ import optax
 import torch
 import transformers
 
-from benchmarks.common import alternate, machine, matmul_ceiling_flops
+from benchmarks.common import (alternate, fastest_torch_threads, machine,
+                               matmul_ceiling_flops)
 from benchmarks.profile import jax_breakdown, rounded, torch_breakdown
 from benchmarks.train_step import Stepper, adamw_step, next_token_loss
 from rlaif_jax.models.clip_vision import ClipVisionConfig
@@ -159,12 +160,14 @@ def main(argv=None):
     config = configs(args)
     ids, frames = inputs(args, config)
     ours, theirs = make_ours(config, ids, frames), make_theirs(config, ids, frames)
+    probe = fastest_torch_threads(theirs)  # torch's faster thread count (common.py says why)
     times = alternate({"ours": ours, "theirs": theirs}, args.runs)
     flops = video_llm_train_step_flops(config, args.batch, args.length, args.frames)
     ceiling = matmul_ceiling_flops()
     ours_s, theirs_s = times["ours"]["wall_s"], times["theirs"]["wall_s"]
     print(json.dumps({
         "name": "video_llm_train_step", "dims": vars(args), **machine(),
+        "torch_thread_probe_s": probe,
         "video_tokens": config.num_video_tokens,
         "ours_s": round(ours_s, 4), "theirs_s": round(theirs_s, 4),
         "ratio_ours_over_theirs": round(ours_s / theirs_s, 3),

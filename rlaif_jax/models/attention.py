@@ -78,6 +78,35 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     return out.reshape(batch, length, heads, head_dim).astype(out_dtype)
 
 
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                     k_scale: Optional[jax.Array] = None,
+                     v_scale: Optional[jax.Array] = None) -> jax.Array:
+    """Queries q [B, T, N, H] over one layer of a heads-major KV cache k / v [B, K, S, H]
+    (`kv_cache.to_layers`) that already holds the queries' own keys; mask broadcastable to
+    [B, 1, T, S] (True = attend). Int8 caches pass k_scale / v_scale [B, K, S].
+
+    With the heads ahead of the slots, both products are batched matmuls over (rows, heads)
+    that read the layer where it lies: the decode step on XLA:CPU, where the elementwise form
+    of `decode_attention` is materialised in several passes over the cache."""
+    batch, length, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    groups = heads // kv_heads
+    out_dtype, f32 = q.dtype, jnp.float32
+    # [B, T, K, G, H] -> [B, K, G*T, H]: query head n uses key/value head n // groups.
+    q = (q.astype(f32) * head_dim ** -0.5).reshape(batch, length, kv_heads, groups, head_dim)
+    q = jnp.transpose(q, (0, 2, 3, 1, 4)).reshape(batch, kv_heads, groups * length, head_dim)
+    k = k.astype(f32) if k_scale is None else k.astype(f32) * k_scale[..., None]
+    v = v.astype(f32) if v_scale is None else v.astype(f32) * v_scale[..., None]
+    scores = jnp.einsum("bkqh,bksh->bkqs", q, k, preferred_element_type=f32)
+    scores = scores.reshape(batch, kv_heads, groups, length, -1)
+    mask = jnp.asarray(mask, bool).reshape(batch, 1, 1, length, -1)
+    scores = jnp.where(mask, scores, jnp.asarray(-0.7 * jnp.finfo(f32).max, f32))
+    probs = jax.nn.softmax(scores, axis=-1).reshape(batch, kv_heads, groups * length, -1)
+    out = jnp.einsum("bkqs,bksh->bkqh", probs, v, preferred_element_type=f32)
+    out = jnp.transpose(out.reshape(batch, kv_heads, groups, length, head_dim), (0, 3, 1, 2, 4))
+    return out.reshape(batch, length, heads, head_dim).astype(out_dtype)
+
+
 def chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                     k_new: jax.Array, v_new: jax.Array, own_mask: jax.Array,
                     k_scale: Optional[jax.Array] = None,

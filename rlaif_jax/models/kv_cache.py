@@ -78,3 +78,57 @@ def read(cache: dict, layer) -> tuple[jax.Array, jax.Array, Optional[jax.Array],
     if is_quantized(cache):
         return take("k"), take("v"), take("k_scale"), take("v_scale")
     return take("k"), take("v"), None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-layer, heads-major buffers: the CPU decode loop's layout
+
+
+def to_layers(cache: dict) -> dict:
+    """The stacked cache as one buffer per layer, heads before slots: {'k': (L arrays of
+    [batch, kv_heads, slots, head_dim]), ...} (int8 scales [batch, kv_heads, slots]).
+
+    What XLA:CPU decodes fastest (one transposed copy a generate call): each layer's buffer is
+    an operand of its own (no slice of a stacked buffer is materialised), the step writes its
+    slot into it before attending (so the write is in place and nothing else orders it), and
+    with the heads leading, the scores and the weighted sum are batched matmuls over the whole
+    layer without a transposed copy (`attention.cached_attention`)."""
+    layers = {}
+    for name, buffer in cache.items():
+        heads_major = jnp.swapaxes(buffer, 2, 3)  # [L, B, K, S(, H)]
+        layers[name] = tuple(heads_major[i] for i in range(heads_major.shape[0]))
+    return layers
+
+
+def is_per_layer(cache: dict) -> bool:
+    return isinstance(cache["k"], (tuple, list))
+
+
+def num_slots(cache: dict) -> int:
+    """Slots of a stacked [L, B, S, K, H] or per-layer [B, K, S, H] cache (axis 2 of both)."""
+    return (cache["k"][0] if is_per_layer(cache) else cache["k"]).shape[2]
+
+
+def layer_of(cache: dict, layer: int) -> dict:
+    """One layer's buffers of a per-layer cache."""
+    return {name: buffers[layer] for name, buffers in cache.items()}
+
+
+def write_layer(layer: dict, cache_index, k: jax.Array, v: jax.Array) -> dict:
+    """One layer's heads-major buffers with k, v [B, L, kv_heads, head_dim] written at slots
+    cache_index.. (in place: the caller reads the returned buffers, never the old ones)."""
+    updates = {"k": k, "v": v}
+    if "k_scale" in layer:
+        updates["k"], updates["k_scale"] = quantize(k)
+        updates["v"], updates["v_scale"] = quantize(v)
+    out = {}
+    for name, buffer in layer.items():
+        update = jnp.swapaxes(updates[name], 1, 2).astype(buffer.dtype)  # [B, K, L(, H)]
+        start = (0, 0, cache_index) + (0,) * (buffer.ndim - 3)
+        out[name] = jax.lax.dynamic_update_slice(buffer, update, start)
+    return out
+
+
+def from_layers(layers: list[dict]) -> dict:
+    """A per-layer cache from each layer's buffers (as `write_layer` returns them)."""
+    return {name: tuple(layer[name] for layer in layers) for name in layers[0]}

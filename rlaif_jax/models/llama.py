@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from rlaif_jax.models import kv_cache
-from rlaif_jax.models.attention import chunk_attention, decode_attention
+from rlaif_jax.models.attention import cached_attention, chunk_attention, decode_attention
 from rlaif_jax.models.fused_attention import IMPLEMENTATIONS, causal_attention, resolve
 from rlaif_jax.models.config_base import DtypeConfig
 from rlaif_jax.models.kv_cache import init_cache  # noqa: F401 -- re-exported for the sampler
@@ -167,6 +167,16 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", None))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
+        if cache is not None and kv_cache.is_per_layer(cache):
+            # The CPU decode loop's cache: write this chunk into the layer's own buffers, then
+            # attend over them (models/kv_cache.py: to_layers).
+            layer = kv_cache.write_layer(kv_cache.layer_of(cache, layer_index), cache_index, k, v)
+            out = cached_attention(q, layer["k"], layer["v"], mask, layer.get("k_scale"),
+                                   layer.get("v_scale"))
+            out = out.reshape(batch, length, heads * head_dim)
+            out = Projection(cfg.hidden_size, ("heads", "embed"), name="o_proj", **proj)(out)
+            return out, layer
+
         slots = None if cache is None else cache["k"].shape[2]
         if cache is None or slots == length:
             # No cache, or a chunk that fills the whole cache from slot 0 (a prefill): causal
@@ -232,6 +242,18 @@ class DecoderLayer(nn.Module):
         x = x + MLP(cfg, name="mlp")(RMSNorm(name="post_attention_layernorm", **norm)(x))
         x = x.astype(cfg.compute_dtype)
         return x, (new_kv if cache is not None else None, x if self.collect_hidden else None)
+
+
+def unstack_layers(tree: dict, num_layers: int) -> dict:
+    """A scanned Llama's variables of one collection ({'layers': [layers, ...] leaves, ...}) as
+    the same model's unscanned ones ({'layers_0': ..., 'layers_1': ..., ...})."""
+    if "layers" not in tree:
+        return tree
+    tree = dict(tree)
+    stacked = tree.pop("layers")
+    for i in range(num_layers):
+        tree[f"layers_{i}"] = jax.tree.map(lambda leaf, i=i: leaf[i], stacked)
+    return tree
 
 
 def attention_mask_4d(attention_mask, query_slots, key_slots):
@@ -309,6 +331,8 @@ class Llama(nn.Module):
         Without a cache: causal attention over the L given tokens, `attention_mask` [B, L].
         With a cache of length S: the L tokens are written at slots cache_index.., and
         `attention_mask` [B, S] marks which cache slots hold real tokens (the caller keeps it).
+        The cache is the stacked one (`init_cache`) or, with unscanned layers, the per-layer
+        one of `kv_cache.to_layers` (the CPU decode loop's), returned in the same form.
         """
         cfg = self.config
         if inputs_embeds is None:
@@ -320,7 +344,7 @@ class Llama(nn.Module):
             if cache_index is None or attention_mask is None:
                 raise ValueError("a cache needs cache_index and the attention_mask over its slots")
             query_slots = cache_index + jnp.arange(length)
-            key_slots = jnp.arange(cache["k"].shape[2])
+            key_slots = jnp.arange(kv_cache.num_slots(cache))
         else:
             cache_index = jnp.zeros((), jnp.int32)
             query_slots = key_slots = jnp.arange(length)
@@ -336,23 +360,33 @@ class Llama(nn.Module):
         x = inputs_embeds.astype(cfg.compute_dtype)
         layer_outputs = []
         layer_indices = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        per_layer_cache = cache is not None and kv_cache.is_per_layer(cache)
+        if per_layer_cache and cfg.scan_layers:
+            raise ValueError("a per-layer cache (kv_cache.to_layers) needs scan_layers=False")
         if cfg.scan_layers:
             x, (new_kv, stacked) = self.layers(x, mask, attention_mask, cos, sin, layer_indices,
                                                cache, cache_index)
             if self.output_hidden_states:
                 layer_outputs = [stacked[i] for i in range(cfg.num_layers)]
         else:
-            per_layer = []
+            new_kv = []
             for i, layer in enumerate(self.layer_list):
-                x, (layer_kv, hidden) = layer(x, mask, attention_mask, cos, sin, layer_indices[i],
-                                              cache, cache_index)
-                per_layer.append(layer_kv)
+                x, (layer_kv, hidden) = layer(x, mask, attention_mask, cos, sin, i, cache,
+                                              cache_index)
+                new_kv.append(layer_kv)
                 layer_outputs.append(hidden)
-            new_kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
-        # Every layer's keys and values go into the cache in one update after the layer loop, so
-        # no layer's slice is copied or re-stacked. With scanned layers the write follows the
-        # loop, hence every read, and XLA updates the donated / loop-carried cache in place.
-        new_cache = None if cache is None else kv_cache.write(cache, cache_index, *new_kv)
+        if cache is None:
+            new_cache = None
+        elif per_layer_cache:  # each layer wrote its own buffers
+            new_cache = kv_cache.from_layers(new_kv)
+        else:
+            if not cfg.scan_layers:
+                new_kv = jax.tree.map(lambda *a: jnp.stack(a), *new_kv)
+            # Every layer's keys and values go into the cache in one update after the layer
+            # loop, so no layer's slice is copied or re-stacked. With scanned layers the write
+            # follows the loop, hence every read, and XLA updates the donated / loop-carried
+            # cache in place.
+            new_cache = kv_cache.write(cache, cache_index, *new_kv)
         hidden = self.norm(x)
         hidden_states = None
         if self.output_hidden_states:

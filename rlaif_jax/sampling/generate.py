@@ -15,6 +15,9 @@ Shape of one call (B prompts, n samples each, P prompt slots after bucketing, T 
    has produced its EOS or after `max_new_tokens`. The layers only read the cache; one update
    after the layer loop writes the step's slot of every layer, in place in the loop's carry
    (models/kv_cache.py). `SamplingConfig.cache_dtype` stores it in bfloat16 or int8.
+   On CPU (`SamplingConfig.unroll_decode_layers`) the decode steps instead run the LLM with
+   unrolled layers on per-layer weights and per-layer, heads-major cache buffers, each written
+   in place before its layer attends over it (`kv_cache.to_layers`); the prefill is unchanged.
 
 Log-probs are `log_softmax(logits / temperature)` of the chosen token over the full vocabulary:
 what PPO recomputes from a full forward over the sampled sequence. top-k / top-p only restrict
@@ -36,8 +39,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlaif_jax.models import kv_cache
 from rlaif_jax.models.kv_cache import CACHE_DTYPES
-from rlaif_jax.models.llama import Llama, LlamaConfig, LlamaOutput, init_cache, positions_from_mask
+from rlaif_jax.models.llama import (Llama, LlamaConfig, LlamaOutput, init_cache,
+                                   positions_from_mask, unstack_layers)
 from rlaif_jax.parallel import sharding as su
 
 
@@ -61,6 +66,12 @@ class SamplingConfig:
     # bytes, 'int8' (per-slot, per-head scales) quarters them. Decode reads the whole cache every
     # step, so its bytes bound the step time once the weights are read.
     cache_dtype: str = ""
+    # Decode steps with the LLM's layers unrolled, each on its own weights (sliced out of the
+    # scanned stack once a call) and its own heads-major cache buffers (kv_cache.to_layers).
+    # None: on CPU only. In the scanned loop XLA:CPU copies each layer's weights and cache
+    # slice out of the stacked buffers every step and runs the decode attention in several
+    # elementwise passes; the TPU compiler reads them in place, and a scan compiles faster.
+    unroll_decode_layers: Optional[bool] = None
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -128,6 +139,12 @@ class TextDecoder:
     def logits(self, variables, hidden):
         return self.model.apply(variables, hidden, method=Llama.logits)
 
+    def unrolled_llm(self, variables):
+        """(decoder, variables) that run the same LLM with unrolled layers, each on its own
+        weights (the decode loop's view; see SamplingConfig.unroll_decode_layers)."""
+        config, variables = _unrolled_llm(self.model.config, variables)
+        return dataclasses.replace(self, model=self.model.clone(config=config)), variables
+
     def full_logits(self, variables, input_ids, attention_mask, video_tokens=None,
                     has_video=None):
         """Teacher-forced logits [B, L, V] over a whole sequence (no cache)."""
@@ -167,11 +184,31 @@ class VideoDecoder:
         return self.model.apply(variables, hidden,
                                 method=lambda module, h: module.llm.logits(h))
 
+    def unrolled_llm(self, variables):
+        """(decoder, variables) whose LLM has unrolled layers (the decode loop's view)."""
+        llm, unstacked = _unrolled_llm(
+            self.model.config.llm,
+            {name: tree["llm"] for name, tree in variables.items() if "llm" in tree})
+        variables = {name: dict(tree, llm=unstacked[name]) if name in unstacked else tree
+                     for name, tree in variables.items()}
+        model = self.model.clone(config=self.model.config.replace(llm=llm))
+        return dataclasses.replace(self, model=model), variables
+
     def full_logits(self, variables, input_ids, attention_mask, video_tokens=None,
                     has_video=None):
         """Teacher-forced logits aligned with input_ids (the video LLM's own forward)."""
         return self.model.apply(variables, input_ids, attention_mask, has_video=has_video,
                                 video_tokens=video_tokens).logits
+
+
+def _unrolled_llm(config: LlamaConfig, variables: dict):
+    """(the LLaMA config with unrolled layers, its variables) from a config and variables."""
+    # No remat either: a decode step takes no gradient, and its layer index stays a number.
+    unrolled = config.replace(scan_layers=False, remat_policy="none")
+    if config.scan_layers:
+        variables = {name: unstack_layers(tree, config.num_layers)
+                     for name, tree in variables.items()}
+    return unrolled, variables
 
 
 def _encode_video(decoder, variables, frames):
@@ -262,10 +299,20 @@ def _repeat_rows(x: jax.Array, n: int, axis: int = 0) -> jax.Array:
     return x if n == 1 else jnp.repeat(x, n, axis=axis)
 
 
+# A per-layer, heads-major buffer's axes (kv_cache.to_layers): [batch, kv_heads, slots, head_dim].
+LAYER_CACHE_AXES = ("act_batch", "act_heads", "act_length", None)
+
+
 def _constrain_cache(cache: dict, mesh, rules) -> dict:
-    """Each cache buffer sharded as CACHE_AXES (an int8 cache's scales lack head_dim)."""
-    return {name: su.constrain(buffer, su.CACHE_AXES[:buffer.ndim], mesh, rules)
-            for name, buffer in cache.items()}
+    """Each cache buffer sharded as CACHE_AXES, or LAYER_CACHE_AXES for a per-layer cache (an
+    int8 cache's scales lack head_dim)."""
+    def constrain(buffer, axes):
+        return su.constrain(buffer, axes[:buffer.ndim], mesh, rules)
+
+    if kv_cache.is_per_layer(cache):
+        return {name: tuple(constrain(b, LAYER_CACHE_AXES) for b in buffers)
+                for name, buffers in cache.items()}
+    return {name: constrain(buffer, su.CACHE_AXES) for name, buffer in cache.items()}
 
 
 def _generate_core(decoder, variables, input_ids, attention_mask, video_tokens, has_video, rng,
@@ -296,7 +343,19 @@ def _generate_core(decoder, variables, input_ids, attention_mask, video_tokens, 
         extra = ((0, 0), (0, 0), (0, total_slots - prompt_slots)) + ((0, 0),) * (prefilled.ndim - 3)
         return jnp.pad(_repeat_rows(prefilled, n, axis=1), extra)
 
-    cache = _constrain_cache(jax.tree.map(decode_buffer, out.cache), mesh, rules)
+    cache = jax.tree.map(decode_buffer, out.cache)
+    # The decode steps' view of the LLM and its cache (the prefill above keeps the scanned
+    # layers and the stacked cache): see SamplingConfig.unroll_decode_layers.
+    unroll = sampling.unroll_decode_layers
+    if unroll is None:  # the mesh's platform: a TPU topology compiled from a CPU is TPU
+        platform = (mesh.devices.flat[0].platform if mesh is not None
+                    else jax.default_backend())
+        unroll = platform == "cpu"
+    step_decoder, step_variables = decoder, variables
+    if unroll and hasattr(decoder, "unrolled_llm"):
+        step_decoder, step_variables = decoder.unrolled_llm(variables)
+        cache = kv_cache.to_layers(cache)
+    cache = _constrain_cache(cache, mesh, rules)
     first_logits = _repeat_rows(first_logits, n)
     prompt_mask = _repeat_rows(prompt_mask, n)
     prompt_lengths = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)
@@ -323,6 +382,7 @@ def _generate_core(decoder, variables, input_ids, attention_mask, video_tokens, 
     tokens, logprobs = select_tokens(first_logits, key, sampling)
     state = record(state, 0, tokens, logprobs)
 
+
     def keep_going(carry):
         step, _, _, state, _ = carry
         return (step < new) & ~jnp.all(state[3])
@@ -330,8 +390,8 @@ def _generate_core(decoder, variables, input_ids, attention_mask, video_tokens, 
     def decode_step(carry):
         step, previous, cache, state, rng = carry
         slot = prompt_slots + step - 1
-        out = decoder.run_llm(
-            variables, input_ids=previous[:, None], attention_mask=cache_mask,
+        out = step_decoder.run_llm(
+            step_variables, input_ids=previous[:, None], attention_mask=cache_mask,
             position_ids=(prompt_lengths + step - 1)[:, None], cache=cache, cache_index=slot)
         cache = _constrain_cache(out.cache, mesh, rules)
         rng, key = jax.random.split(rng)
