@@ -1,7 +1,7 @@
 """All CPU benchmarks against the PyTorch stack in one run: one JSON object a line (each with
 `name` and its ratio fields), then a summary table.
 
-    python -m benchmarks.run            # the issue's dims (13.8 minutes on 2 busy cores, 2026-12-04)
+    python -m benchmarks.run            # the default dims (13.8 minutes on 2 busy cores, 2026-12-04)
     python -m benchmarks.run --quick    # fewer runs and smaller dims (~3 minutes)
     python -m benchmarks.run --only sft_train_step,generation --profile
 
