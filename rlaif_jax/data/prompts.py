@@ -6,6 +6,8 @@ language.
 """
 from __future__ import annotations
 
+import re
+
 IMAGE_TOKEN = "<image>"
 
 # vicuna_v1, as LLaVA-1.5 and the reference use it.
@@ -25,6 +27,8 @@ ROLE_NAMES = {"human": USER_ROLE, "gpt": ASSISTANT_ROLE}
 JUDGE_CHOICES = ("1", "2")
 
 CONTEXT_QUESTION = "Describe this video in detail."
+# Introduces the context in the judge's prompt (and in the context-reading SFT rows).
+CONTEXT_LEAD = "Here is a detailed description of the video:"
 
 JUDGE_PRINCIPLES = (
     "accurate and grounded in the video",
@@ -47,10 +51,33 @@ def context_prompt() -> str:
     return CONTEXT_QUESTION
 
 
+# Asked of one clip for the `question` context: what the clip shows about the prompt's question.
+CLIP_QUESTION_LEAD = "For this clip only, in a few words:"
+
+
+def clip_question(question: str) -> str:
+    """The question asked of each clip for a question-conditioned context: the prompt's
+    question, led by the request to answer briefly for that clip alone."""
+    return f"{CLIP_QUESTION_LEAD} {question.strip()}"
+
+
 def join_clip_descriptions(clip_descriptions: list[str]) -> str:
     """The narrative: clip descriptions joined in temporal order, each marked by its place."""
-    parts = [f"Clip {i + 1}: {text.strip()}" for i, text in enumerate(clip_descriptions)]
+    parts = [f"Clip {i + 1}: {_sentence(text)}" for i, text in enumerate(clip_descriptions)]
     return " ".join(parts)
+
+
+def split_clip_descriptions(context: str) -> list[str]:
+    """The clip texts of a joined context, in order (the inverse of join_clip_descriptions, up
+    to the full stop it adds)."""
+    parts = re.split(r"(?:^| )Clip \d+: ", context.strip())
+    return [p.strip() for p in parts[1:]]
+
+
+def _sentence(text: str) -> str:
+    """A clip's text ending in a full stop, so that short clip answers stay apart when joined."""
+    text = text.strip()
+    return text if not text or text[-1] in ".!?" else text + "."
 
 
 # How the judge is read: 'label' (it replies with one of JUDGE_CHOICES, read from its next-token
@@ -67,8 +94,7 @@ def question_with_context(question: str, context: str | None) -> str:
     the question alone when there is no context."""
     if context is None:
         return question.strip()
-    return (f"Here is a detailed description of the video: {context.strip()}\n"
-            f"Question: {question.strip()}")
+    return f"{CONTEXT_LEAD} {context.strip()}\nQuestion: {question.strip()}"
 
 
 def judge_prompt(question: str, answer_1: str, answer_2: str, context: str | None,
@@ -87,8 +113,7 @@ def judge_prompt(question: str, answer_1: str, answer_2: str, context: str | Non
     instruction = (f"Reply with {JUDGE_CHOICES[0]} or {JUDGE_CHOICES[1]} only." if reply == "label"
                    else "Reply with the better answer.")
     principles = " ".join(f"({i + 1}) {p}." for i, p in enumerate(JUDGE_PRINCIPLES))
-    described = ("" if context is None
-                 else f"Here is a detailed description of the video: {context.strip()}\n")
+    described = "" if context is None else f"{CONTEXT_LEAD} {context.strip()}\n"
     return (
         described +
         f"Question: {question.strip()}\n"

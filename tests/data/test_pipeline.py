@@ -187,7 +187,7 @@ def test_curriculum_phase_interleaves_splits_and_continues_their_streams(
 def test_long_items_are_truncated_or_dropped_and_counted(instruction_data, world_tokenizer):  # noqa: F811
     full = Pipeline(instruction_data, "long", world_tokenizer, batch_size=2, max_length=512)
     assert full.num_truncated == 0 and not full.skipped
-    cut = Pipeline(instruction_data, "long", world_tokenizer, batch_size=2, max_length=64)
+    cut = Pipeline(instruction_data, "long", world_tokenizer, batch_size=2, max_length=40)
     assert cut.num_examples == full.num_examples and cut.num_truncated > 0
     batch = cut.batch(0)
     image_id = conversation.image_token_id(world_tokenizer)

@@ -1,4 +1,5 @@
 """The synthetic world: determinism, its files and formats, its tokenizer, and the scorer."""
+import collections
 import hashlib
 import json
 import os
@@ -12,7 +13,7 @@ from rlaif_jax.data import conversation, prompts
 from rlaif_jax.data.synthetic import (answerable_specs, generate_rl_split, generate_world,
                                       load_truth, parse_question, preference, question_text,
                                       score_answer, true_answer)
-from rlaif_jax.data.synthetic import world
+from rlaif_jax.data.synthetic import generate, text, world
 
 
 def _digest(folder: str) -> dict:
@@ -200,7 +201,9 @@ def test_more_rl_videos_come_with_prompts_truth_and_oracle_pairs(tmp_path, world
     load = lambda key: json.load(open(os.path.join(tmp_path, f"{key}.json")))  # noqa: E731
     truth, prompts_, pairs = load("truth"), load("ppo_prompts"), load("preferences_oracle")
     assert counts == {"ppo_prompts": len(prompts_), "preferences_oracle": len(pairs)}
-    assert len(truth) == 3 and len(prompts_) == 6 and len(pairs) >= 3
+    assert len(truth) == 3 and len(pairs) >= 3
+    assert all(1 < n <= 1 + generate.RL_SHORT_QUESTIONS for n in collections.Counter(
+        p["images"] for p in prompts_).values())  # several short questions and the description
     for item in prompts_ + pairs:
         assert os.path.isfile(os.path.join(tmp_path, item["images"]))
         name = os.path.basename(item["images"])[:-len(".mp4")]
@@ -214,3 +217,97 @@ def test_more_rl_videos_come_with_prompts_truth_and_oracle_pairs(tmp_path, world
         for key in ("output_1", "output_2"):  # the world's tokenizer knows every word
             assert world_tokenizer.unk_token_id not in world_tokenizer(
                 pair[key]["value"])["input_ids"]
+
+
+def _changing_truth() -> dict:
+    """A circle red from frame 0, blue from frame 5 (inside clip 2 of frames 3-5); a square,
+    green, from frame 4; 8 frames cut into clips 0-2, 3-5, 6-7."""
+    objects = [
+        {"shape": "circle", "colour": "red", "new_colour": "blue", "change_frame": 5,
+         "motion": "left", "appear_frame": 0, "start": [40.0, 20.0], "radius": 7.7},
+        {"shape": "square", "colour": "green", "new_colour": None, "change_frame": None,
+         "motion": "still", "appear_frame": 4, "start": [12.0, 50.0], "radius": 7.7}]
+    truth = {"name": "t", "num_frames": 8, "size": 64, "fps": 4, "objects": objects}
+    truth["events"] = world.list_events(truth)
+    return truth
+
+
+def test_clip_answers_say_what_each_clip_shows():
+    truth = _changing_truth()
+    assert world.clip_frame_ranges(8) == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    circle, square = {"shape": "circle"}, {"shape": "square"}
+    for kind in ("colour_start", "colour_end", "change_when"):
+        assert text.clip_answers(truth, {"type": kind, **circle}) == ["red", "red then blue",
+                                                                      "blue"]
+    assert text.clip_answers(truth, {"type": "appear_when", **square}) == ["no square", "green",
+                                                                           "green"]
+    assert text.clip_answers(truth, {"type": "motion", **square}) == [
+        "no square", "it does not move", "it does not move"]
+    assert text.clip_answers(truth, {"type": "count"}) == ["one", "two", "two"]
+    assert text.clip_answers(truth, {"type": "shape_of_colour", "colour": "green"}) == [
+        "none", "the square", "the square"]
+    # Questions about the order of events are answered by each clip's description.
+    for spec in ({"type": "first_event"}, {"type": "describe"}):
+        assert text.clip_answers(truth, spec) == text.describe_clips(truth)
+    rng = np.random.default_rng(0)
+    for spec in ({"type": "colour_end", **circle}, {"type": "count"}, {"type": "motion", **square},
+                 {"type": "shape_of_colour", "colour": "green"}, {"type": "first_event"}):
+        for frames in world.clip_frame_ranges(8):
+            for _ in range(5):
+                assert (text.wrong_clip_answer(truth, spec, frames, rng)
+                        != text.clip_answer(truth, spec, frames))
+
+
+def _slots(context: str) -> list[str]:
+    parts = context.split("Clip ")[1:]
+    return [p.split(": ", 1)[1].strip().rstrip(".") for p in parts]
+
+
+def test_clip_and_context_rows(world_dir):
+    """SFT rows for the judge's skills: a clip and a question asked of it with what the clip
+    shows; the video, its clip answers (some corrupted) as context, and the true answer."""
+    truth = load_truth(world_dir)
+    ranges = world.clip_frame_ranges(WORLD_ARGS["frames"])
+    clip_rows = json.load(open(os.path.join(world_dir, "sft_clip.json")))
+    assert clip_rows
+    for item in clip_rows:
+        name, clip = item["images"].rsplit("/", 1)[1][:-len(".mp4")].rsplit("_clip", 1)
+        assert os.path.isfile(os.path.join(world_dir, item["images"]))
+        human, gpt = item["conversations"]
+        lead = "<image>\n" + prompts.CLIP_QUESTION_LEAD + " "
+        assert human["value"].startswith(lead)
+        spec = parse_question(human["value"][len(lead):])
+        assert gpt["value"] == text.clip_answer(truth[name], spec, ranges[int(clip)])
+    context_rows = json.load(open(os.path.join(world_dir, "sft_context.json")))
+    assert context_rows
+    slots = corrupted = 0
+    for item in context_rows:
+        name = item["id"].rsplit("_context", 1)[0]
+        human, gpt = item["conversations"]
+        context, question = human["value"].split("\nQuestion: ")
+        assert context.startswith("<image>\n" + prompts.CONTEXT_LEAD)
+        spec = parse_question(question)
+        assert gpt["value"] == true_answer(truth[name], spec)
+        right = [a.rstrip(".") for a in text.clip_answers(truth[name], spec)]
+        given = _slots(context)
+        assert len(given) == len(right) == 3
+        slots += 3
+        corrupted += sum(g != r for g, r in zip(given, right))
+    # 12 videos x 3 rows x 3 slots at P_CORRUPT_CLIP_ANSWER = 0.25
+    assert 0 < corrupted < slots / 2, (corrupted, slots)
+
+
+def test_rl_prompts_draw_motion_less_often():
+    rng = np.random.default_rng(0)
+    drawn, answerable = collections.Counter(), collections.Counter()
+    for index in range(300):
+        truth = world.sample_truth(rng, f"v{index}", 8, 64, 4)
+        specs = generate._rl_prompt_specs(truth, rng)
+        assert specs[-1] == {"type": "describe"} and len(specs) <= 1 + generate.RL_SHORT_QUESTIONS
+        shorts = [json.dumps(s, sort_keys=True) for s in specs[:-1]]
+        assert len(set(shorts)) == len(shorts)  # distinct questions
+        drawn.update(s["type"] == "motion" for s in specs[:-1])
+        answerable.update(s["type"] == "motion" for s in answerable_specs(truth)
+                          if s["type"] != "describe")
+    share = lambda c: c[True] / (c[True] + c[False])  # noqa: E731
+    assert share(drawn) < 0.6 * share(answerable), (share(drawn), share(answerable))

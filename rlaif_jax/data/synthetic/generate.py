@@ -6,6 +6,7 @@ Layout of a world directory (paths in items are relative to it, so it is its own
     truth.json                 {name: truth}
     descriptions.json          {name: {"description", "clips": [...], "context"}}
     sft_short.json, sft_long.json, sft_judge.json        SFT curriculum (short, long) + judging
+    sft_clip.json, sft_context.json      SFT rows: clip answers, answers read from a clip context
     policy_init.json, ppo_prompts.json, preferences_oracle.json   on held-out training videos
     eval_qa.json, eval_generic.json, eval_temporal.json, eval_consistency.json   on eval videos
     tokenizer/                 AutoTokenizer.from_pretrained(world/tokenizer)
@@ -26,7 +27,20 @@ from rlaif_jax.data.video import decode_video_file
 
 FPS = 4
 RL_FRACTION = 0.3  # training videos kept out of SFT: policy init, PPO prompts, oracle pairs
-JSON_FILES = ("sft_short", "sft_long", "sft_judge", "policy_init", "ppo_prompts",
+# PPO prompts of an RL video: this many short questions and the description. Questions about
+# motion, which the tiny model does not see (its answers are at the blind level), are drawn
+# this much less often than the others, so that pairs mostly differ in what can be judged.
+RL_SHORT_QUESTIONS = 3
+RL_MOTION_WEIGHT = 0.25
+# SFT rows of each SFT video that teach the judge's skills (docs/data.md): clip answers (a clip
+# as the input, `prompts.clip_question`) and context reading (the video, its clip answers as
+# context, then the question); a share of the context's clip answers is replaced by a wrong one,
+# so that the model weighs the context against the video instead of copying it.
+SFT_CLIP_ROWS = 6
+SFT_CONTEXT_ROWS = 8
+P_CORRUPT_CLIP_ANSWER = 0.35
+JSON_FILES = ("sft_short", "sft_long", "sft_clip", "sft_context", "sft_judge", "policy_init",
+              "ppo_prompts",
               "preferences_oracle", "eval_qa", "eval_generic", "eval_temporal",
               "eval_consistency")
 
@@ -105,10 +119,59 @@ def _judge_items(truth: dict, context: str, rng: np.random.Generator) -> list[di
     return items
 
 
+def _rl_prompt_specs(truth: dict, rng: np.random.Generator) -> list[dict]:
+    """RL_SHORT_QUESTIONS distinct short questions (motion drawn RL_MOTION_WEIGHT as often) and
+    the description question."""
+    shorts = [s for s in text.answerable_specs(truth) if s["type"] != "describe"]
+    weights = np.array([RL_MOTION_WEIGHT if s["type"] == "motion" else 1.0 for s in shorts])
+    count = min(RL_SHORT_QUESTIONS, len(shorts))
+    chosen = rng.choice(len(shorts), size=count, replace=False, p=weights / weights.sum())
+    return [shorts[int(i)] for i in chosen] + [{"type": "describe"}]
+
+
 def _ppo_prompt_items(truth: dict, rng: np.random.Generator, first_uid: int) -> list[dict]:
     return [{"uid": first_uid + k, "images": video_path(truth["name"]),
              "conversations": _conversation(text.question_text(spec), text.true_answer(truth, spec))}
-            for k, spec in enumerate(_pair_specs(truth, rng))]
+            for k, spec in enumerate(_rl_prompt_specs(truth, rng))]
+
+
+def _clip_items(truth: dict, rng: np.random.Generator) -> list[dict]:
+    """SFT_CLIP_ROWS rows of (one clip, a question asked of it, what the clip shows)."""
+    name = truth["name"]
+    specs = text.answerable_specs(truth)
+    ranges = world.clip_frame_ranges(truth["num_frames"])
+    items = []
+    for k in range(SFT_CLIP_ROWS):
+        spec = specs[int(rng.integers(len(specs)))]
+        clip = int(rng.integers(len(ranges)))
+        question = prompts.clip_question(text.question_text(spec, _pick_paraphrase(rng, spec)))
+        items.append({"id": f"{name}_clipq{k}", "images": clip_path(name, clip),
+                      "conversations": _conversation(
+                          question, text.clip_answer(truth, spec, ranges[clip]))})
+    return items
+
+
+def _context_items(truth: dict, rng: np.random.Generator) -> list[dict]:
+    """SFT_CONTEXT_ROWS rows of (the video, a context of clip answers, the question, the true
+    answer): the judge's prompt with `question` context. Each clip answer is replaced by a
+    wrong one with probability P_CORRUPT_CLIP_ANSWER; the target stays the truth."""
+    name = truth["name"]
+    # Questions whose clip answers are a few words; those about the order of events read three
+    # clip descriptions (rows 2-3x as long), so they stay out of the budget's SFT.
+    specs = [s for s in text.answerable_specs(truth) if s["type"] not in text.DESCRIBED_IN_CLIPS]
+    ranges = world.clip_frame_ranges(truth["num_frames"])
+    items = []
+    for k in range(SFT_CONTEXT_ROWS):
+        spec = specs[int(rng.integers(len(specs)))]
+        slots = [text.wrong_clip_answer(truth, spec, frames, rng)
+                 if rng.random() < P_CORRUPT_CLIP_ANSWER else text.clip_answer(truth, spec, frames)
+                 for frames in ranges]
+        question = prompts.question_with_context(
+            text.question_text(spec, _pick_paraphrase(rng, spec)),
+            prompts.join_clip_descriptions(slots))
+        items.append({"id": f"{name}_context{k}", "images": video_path(name),
+                      "conversations": _conversation(question, text.true_answer(truth, spec))})
+    return items
 
 
 def _preference_items(truth: dict, rng: np.random.Generator) -> list[dict]:
@@ -202,6 +265,8 @@ def generate_world(out_dir: str, num_train: int = 512, num_eval: int = 64, frame
             outputs["sft_short"].extend(short)
             outputs["sft_long"].extend(long)
             outputs["sft_judge"].extend(_judge_items(truth, context, rng))
+            outputs["sft_clip"].extend(_clip_items(truth, rng))
+            outputs["sft_context"].extend(_context_items(truth, rng))
         if name == names[0]:
             _check_decodable(os.path.join(out_dir, video_path(name)), size)
 

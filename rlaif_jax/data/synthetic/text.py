@@ -212,6 +212,77 @@ def answerable_specs(truth: dict) -> list[dict]:
     return specs
 
 
+# ----------------------------------------------------------------------------- clip answers
+
+# Questions about one shape whose answer depends on when: asked of a clip, they become "which
+# colour does the shape show in this clip", read over the clips in order.
+_COLOUR_OVER_TIME = ("colour", "colour_start", "colour_end", "appear_when", "change_when")
+# Questions about the order of events: a clip answers with its description.
+DESCRIBED_IN_CLIPS = ("first_event", "before_after", "describe")
+
+
+def clip_answer(truth: dict, spec: dict, frames: list[int]) -> str:
+    """What the clip of `frames` shows about question `spec`: the answer to
+    `prompts.clip_question(question)` asked of that clip alone (the feedback stage's `question`
+    context, and its SFT targets on SFT videos).
+
+    A shape's colour in the clip ("red", "red then blue" when it changes inside the clip, "no
+    circle" when the shape is not there yet) for colour and time questions; its motion for
+    motion; the shapes in the clip for the count; the clip's description for questions about
+    the order of events and for descriptions.
+    """
+    clip = world.restrict_to_frames(truth, frames)
+    kind = spec["type"]
+    if kind in DESCRIBED_IN_CLIPS:
+        return describe(clip)
+    if kind == "count":
+        return world.NUMBER_WORDS[len(clip["objects"])]
+    if kind == "shape_of_colour":
+        for obj in clip["objects"]:
+            if spec["colour"] in (obj["colour"], obj["new_colour"]):
+                return f"the {obj['shape']}"
+        return "none"
+    obj = world.find_object(clip, spec["shape"])
+    if obj is None:
+        return f"no {spec['shape']}"
+    if kind == "motion":
+        return true_answer(clip, spec)
+    if kind in _COLOUR_OVER_TIME:
+        if obj["new_colour"] is not None:
+            return f"{obj['colour']} then {obj['new_colour']}"
+        return obj["colour"]
+    raise ValueError(f"unknown question type {kind!r}")
+
+
+def clip_answers(truth: dict, spec: dict) -> list[str]:
+    """`clip_answer` of each of the video's clips, in order."""
+    return [clip_answer(truth, spec, frames)
+            for frames in world.clip_frame_ranges(truth["num_frames"])]
+
+
+def wrong_clip_answer(truth: dict, spec: dict, frames: list[int], rng: np.random.Generator
+                      ) -> str:
+    """A plausible but false clip answer of the same kind (corrupted context slots)."""
+    right = clip_answer(truth, spec, frames)
+    kind = spec["type"]
+    if kind in DESCRIBED_IN_CLIPS:
+        for _ in range(8):
+            wrong = describe(perturb_truth(world.restrict_to_frames(truth, frames), rng))
+            if wrong != right:
+                return wrong
+        return wrong
+    if kind == "count":
+        options = list(world.NUMBER_WORDS[:4])
+    elif kind == "shape_of_colour":
+        options = ["none"] + [f"the {s}" for s in world.SHAPES]
+    elif kind == "motion":
+        options = [m if m != "still" else "it does not move" for m in world.MOTIONS]
+        options.append(f"no {spec['shape']}")
+    else:
+        options = list(world.COLOURS) + [f"no {spec['shape']}"]
+    return str(rng.choice([o for o in options if o != right]))
+
+
 # ----------------------------------------------------------------------------- wrong answers
 
 def wrong_answer(truth: dict, spec: dict, rng: np.random.Generator) -> str:

@@ -21,8 +21,10 @@ from rlaif_jax.data import conversation, prompts
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 # Texts many rows repeat verbatim, each kept as one (non-special) token: the system sentence
-# (every row) and the reward model's evaluation question and score prefix (every RM row).
-TEMPLATE_TOKENS = (prompts.VICUNA_V1_SYSTEM,) + prompts.rm_evaluation_prompt()
+# (every row) and the reward model's evaluation question and score prefix (every RM row); the
+# leads of the clip question and of the context (every context and context-reading row).
+TEMPLATE_TOKENS = ((prompts.VICUNA_V1_SYSTEM,) + prompts.rm_evaluation_prompt()
+                   + (prompts.CLIP_QUESTION_LEAD, prompts.CONTEXT_LEAD))
 SPECIAL_TOKENS = (UNK, BOS, EOS, PAD, prompts.IMAGE_TOKEN)
 DEFAULT_VOCAB_SIZE = 1000
 
