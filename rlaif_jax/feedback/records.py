@@ -13,6 +13,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from rlaif_jax.data import prompts
 from rlaif_jax.data.synthetic import scorer, text
 from rlaif_jax.feedback.judge import apply_margin, question_of
 from rlaif_jax.workdir.files import atomic_write_text, read_jsonl
@@ -35,6 +36,42 @@ def truth_of(truths: Optional[dict], images: Any, question: str, a1: str, a2: st
     scores = [scorer.score_answer(truth, question, a).score for a in (a1, a2)]
     return {"true_preference": scorer.preference(truth, question, a1, a2),
             "true_scores": [float(s) for s in scores]}
+
+
+def clip_answer_grades(truths: Optional[dict], images: Any, question: str,
+                       context: Optional[str]) -> dict:
+    """Graded only, on the synthetic world: whether each clip answer of a `question` context
+    is what that clip shows (`text.clip_answer`); {} for other contexts, questions answered
+    by clip descriptions, or unknown videos."""
+    if not truths or not context or not isinstance(images, str):
+        return {}
+    truth = truths.get(os.path.splitext(os.path.basename(images))[0])
+    spec = text.parse_question(question)
+    if truth is None or spec["type"] in text.DESCRIBED_IN_CLIPS:
+        return {}
+    given = prompts.split_clip_descriptions(context)
+    right = text.clip_answers(truth, spec)
+    if len(given) != len(right):
+        return {}
+    return {"clip_answers_correct": [g.rstrip(".") == r for g, r in zip(given, right)]}
+
+
+def clip_answer_accuracy(records: Sequence[dict]) -> dict:
+    """Clip answers right against each clip's truth, over all graded clip answers and by
+    question type: accuracy, n and standard error."""
+    by_type: dict = collections.defaultdict(list)
+    for r in records:
+        for hit in r.get("clip_answers_correct") or ():
+            by_type[question_type(r)].append(float(hit))
+            by_type["all"].append(float(hit))
+    out = {}
+    for kind, hits in sorted(by_type.items()):
+        hits = np.asarray(hits)
+        out[f"feedback/clip_answer_accuracy/{kind}"] = float(hits.mean())
+        out[f"feedback/clip_answer_accuracy/{kind}_n"] = len(hits)
+        out[f"feedback/clip_answer_accuracy/{kind}_se"] = float(
+            np.sqrt(hits.mean() * (1 - hits.mean()) / len(hits)))
+    return out
 
 
 def preference_item(record: dict) -> dict:
@@ -92,6 +129,7 @@ def summarize(records: Sequence[dict], margin: float) -> dict:
         out["feedback/kept_true_preference_2_fraction"] = float(np.mean(
             [r["true_preference"] == 2 for r in truths]))
     out.update(time_localised_agreement(judged))
+    out.update(clip_answer_accuracy(records))
     return out
 
 

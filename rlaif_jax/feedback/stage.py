@@ -22,7 +22,7 @@ import transformers
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from rlaif_jax.data import conversation
+from rlaif_jax.data import conversation, prompts
 from rlaif_jax.data.build import BUILD_INFO, build
 from rlaif_jax.data.builders.items_json import load_items
 from rlaif_jax.data.pipeline import Pipeline
@@ -30,7 +30,7 @@ from rlaif_jax.engine.metrics import MetricsWriter
 from rlaif_jax.engine.pretrained import load_model
 from rlaif_jax.feedback.judge import (PER_VIDEO_CONTEXT, AIFeedback, FeedbackSettings,
                                       apply_margin, decide, question_of)
-from rlaif_jax.feedback.records import (judged_item, part_path, preference_item, read_records,
+from rlaif_jax.feedback.records import (clip_answer_grades, judged_item, part_path, preference_item, read_records,
                                         summarize, truth_of)
 from rlaif_jax.parallel import sharding as su
 from rlaif_jax.parallel.mesh import ConfigError, make_mesh
@@ -89,7 +89,8 @@ def run_batches(engine: AIFeedback, pipeline, items_by_id: dict, out_path: str, 
             batch_contexts = [contexts.get(v, "") for v in video_ids]
         elif settings.context == "question":  # per prompt: its question asked of each clip
             batch_contexts = engine.clip_context(batch["frames"],
-                                                 [question_of(t) for t in turns],
+                                                 [prompts.clip_question(question_of(t))
+                                                  for t in turns],
                                                  jax.random.fold_in(key, 1))
         rows = engine.judge_rows(turns, answers, batch_contexts)
         p = engine.judge(rows, video_tokens, has_video)
@@ -110,6 +111,9 @@ def run_batches(engine: AIFeedback, pipeline, items_by_id: dict, out_path: str, 
                    "context_mode": settings.context, "p_output_1": None,
                    "drop_reason": None}
             out.update(truth_of(truths, out["images"], question_of(turns[row]), a1, a2))
+            if settings.context == "question":
+                out.update(clip_answer_grades(truths, out["images"], question_of(turns[row]),
+                                              out["context"]))
             if a1 == a2:
                 out["drop_reason"] = "identical_answers"
             elif rows[row] is None:

@@ -12,7 +12,7 @@ import pytest
 from rlaif_jax.data import conversation, prompts
 from rlaif_jax.data.builders import items_json
 from rlaif_jax.data.pipeline import Pipeline
-from rlaif_jax.data.synthetic import load_truth
+from rlaif_jax.data.synthetic import load_truth, text
 from rlaif_jax.data.video import clip_frames
 from rlaif_jax.feedback import judge
 from rlaif_jax.feedback import records as feedback_records
@@ -248,13 +248,35 @@ def test_question_context_asks_each_clip_the_prompts_question(engine, monkeypatc
     frames = np.arange(2 * 8).reshape(2, 8, 1, 1, 1).astype(np.uint8)
     questions = ["What colour is the square at the end?", "How many shapes are in the video?"]
     contexts = engine.clip_context(frames, questions, jax.random.PRNGKey(0))
-    assert contexts == ["Clip 1: answer 0 Clip 2: answer 1 Clip 3: answer 2",
-                        "Clip 1: answer 3 Clip 2: answer 4 Clip 3: answer 5"]
+    assert contexts == ["Clip 1: answer 0. Clip 2: answer 1. Clip 3: answer 2.",
+                        "Clip 1: answer 3. Clip 2: answer 4. Clip 3: answer 5."]
+    assert prompts.split_clip_descriptions(contexts[1]) == ["answer 3.", "answer 4.", "answer 5."]
     # Row 3 * video + clip asks video's question of that clip's frames only.
     assert [q in p for q, p in zip([questions[0]] * 3 + [questions[1]] * 3, seen["prompts"])]
     np.testing.assert_array_equal(seen["frames"], clip_frames(frames, 3))
     assert all(p.count(q) == 1 for q, p in zip([questions[0]] * 3 + [questions[1]] * 3,
                                                 seen["prompts"]))
+
+
+def test_clip_answers_are_graded_against_each_clips_truth(world_dir):  # noqa: F811
+    truths = load_truth(world_dir)
+    name = next(n for n, t in truths.items() if any(o["change_frame"] for o in t["objects"]))
+    shape = next(o["shape"] for o in truths[name]["objects"] if o["change_frame"])
+    question = f"What colour is the {shape} at the end?"
+    right = text.clip_answers(truths[name], text.parse_question(question))
+    wrong = right[:2] + ["no " + shape]
+    images = f"videos/{name}.mp4"
+    grade = lambda answers: feedback_records.clip_answer_grades(  # noqa: E731
+        truths, images, question, prompts.join_clip_descriptions(answers))
+    assert grade(right) == {"clip_answers_correct": [True, True, True]}
+    assert grade(wrong) == {"clip_answers_correct": [True, True, False]}
+    assert feedback_records.clip_answer_grades(truths, images, "Describe this video in detail.",
+                                               "Clip 1: x. Clip 2: y. Clip 3: z.") == {}
+    records = [{"question_turn": conversation.video_question(question),
+                "clip_answers_correct": hits} for hits in ([True, True, True], [True, True, False])]
+    out = feedback_records.clip_answer_accuracy(records)
+    assert out["feedback/clip_answer_accuracy/colour_end"] == pytest.approx(5 / 6)
+    assert out["feedback/clip_answer_accuracy/all_n"] == 6
 
 
 def test_time_localised_agreement_pairs_the_two_judges_on_decisive_temporal_pairs():
