@@ -4,6 +4,9 @@ Presets (`--config=configs/sft.py:NAME`):
   tiny       the default: the synthetic video world (generated on first use under the workdir),
              a tiny video LLM trained from scratch, vision tower trainable (no pretrained CLIP).
   smoke      the same, small enough to finish in under a minute (tests).
+  judge_skills_tiny  tiny with the judge's skills mixed into the curriculum: clip answers (a
+             clip as the input) and answers read from a context of clip answers, some wrong
+             (docs/feedback_and_rm.md: measured, and not the default).
   reverse    a text-only LLaMA on a reverse-the-string task: the engine alone, in seconds.
   vicuna7b   docs/method.md stage 1: from LLaVA-1.5-7B (set --config.init), CLIP frozen, LoRA r 32
              alpha 32 and the projector trained, lr 1e-4, curriculum short then long.
@@ -128,6 +131,21 @@ def smoke() -> ml_collections.ConfigDict:
     return c
 
 
+def judge_skills_tiny() -> ml_collections.ConfigDict:
+    """tiny, plus what the judge with the `question` context needs: answering a question about
+    one clip (`prompts.clip_question`) and reading the clip answers in front of a question
+    (`prompts.question_with_context`, a share of the answers wrong). Not the default: on world
+    seed 0 the judge given this model's own clip answers agreed with the truth less often than
+    without them (docs/feedback_and_rm.md)."""
+    c = tiny()
+    c.data.train_files = tuple(c.data.train_files) + (("clip", "sft_clip.json"),
+                                                      ("context", "sft_context.json"))
+    c.data.curriculum = (("short+clip", 0.25), ("long", 0.15),
+                         ("short+long+context+clip+context+context", 0.6))
+    c.data.split_max_length = (("short", 24), ("clip", 56), ("context", 52))
+    return c
+
+
 def _policy_init(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Stage 4 on top of a stage-1 preset: from the SFT stage directory of the same workdir, a
     new LoRA adapter (r 64, alpha 16, all seven projections) on the held-out instruction set."""
@@ -199,7 +217,8 @@ def policy_init_7b() -> ml_collections.ConfigDict:
     return c
 
 
-PRESETS = {"tiny": tiny, "smoke": smoke, "reverse": reverse, "vicuna7b": vicuna7b,
+PRESETS = {"tiny": tiny, "smoke": smoke, "judge_skills_tiny": judge_skills_tiny,
+           "reverse": reverse, "vicuna7b": vicuna7b,
            "vicuna13b": vicuna13b, "policy_init_tiny": policy_init_tiny,
            "policy_init_smoke": policy_init_smoke, "policy_init_7b": policy_init_7b}
 

@@ -56,3 +56,37 @@ def test_smoke_sft_evaluation_grades_every_question_type_with_blind_and_chance(s
     for key in ("eval/exact_match", "eval/exact_match_blind", "eval/describe_correctness",
                 "eval/describe_detail", "eval/temporal"):
         assert 0.0 <= final[key] <= 1.0
+
+
+def test_judge_skills_curriculum_reads_clip_and_context_rows(world_dir, tmp_path):  # noqa: F811
+    """configs/sft.py:judge_skills_tiny: its clip and context splits build from the world's
+    files and come out of the curriculum with their videos (a clip's frames for clip rows)."""
+    import transformers
+
+    from configs import sft as sft_configs
+    from rlaif_jax.data import prepare, prompts
+    from rlaif_jax.sft.stage import training_curriculum
+    from tests.support import WORLD_ARGS
+
+    config = sft_configs.get_config("judge_skills_tiny")
+    splits = dict(config.data.train_files)
+    assert {"clip", "context"} <= set(splits)
+    build_dir = prepare.prepare_build(world_dir, str(tmp_path / "sft"), "instruction", splits,
+                                      WORLD_ARGS["frames"], WORLD_ARGS["size"])
+    tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.join(world_dir, "tokenizer"))
+    with config.unlocked():
+        config.batch_size, config.num_steps = 4, 20
+    curriculum = training_curriculum(config, build_dir, tokenizer)
+    seen = {}
+    for step in range(curriculum.total_steps):
+        split, _ = curriculum.locate(step)
+        if split in ("clip", "context") and split not in seen:
+            seen[split] = curriculum.batch(step)
+    assert set(seen) == {"clip", "context"}
+    leads = {"clip": prompts.CLIP_QUESTION_LEAD, "context": prompts.CONTEXT_LEAD}
+    for split, batch in seen.items():
+        assert batch["has_video"].all() and batch["frames"].shape[1] == WORLD_ARGS["frames"]
+        text = tokenizer.decode(batch["input_ids"][0])
+        assert leads[split] in text, text
+        lengths = dict(config.data.split_max_length)
+        assert batch["input_ids"].shape[1] == lengths[split]
