@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import time
 from typing import Callable
+
+
+def add_llama_dims(parser: argparse.ArgumentParser, runs: int) -> argparse.ArgumentParser:
+    """The LLaMA shape every CPU comparison shares (the default dims of docs/benchmarks.md:
+    hidden 512, 8 layers, 8 heads, vocabulary 32000) and how many alternated runs to time."""
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--runs", type=int, default=runs)
+    return parser
 
 
 def alternate(runners: dict[str, Callable[[], None]], runs: int) -> dict[str, dict]:

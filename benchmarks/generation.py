@@ -35,7 +35,7 @@ import torch
 import transformers
 
 import rlaif_jax
-from benchmarks.common import fastest_torch_threads, machine
+from benchmarks.common import add_llama_dims, fastest_torch_threads, machine
 from rlaif_jax.sampling.generate import SamplingConfig, generate
 
 
@@ -51,14 +51,10 @@ def left_padded_prompts(batch: int, length: int, vocab: int, seed: int = 0):
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=32000)
+    add_llama_dims(p, runs=3)
     p.add_argument("--batch", default="8,64", help="comma-separated batch sizes (rows)")
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=128)
-    p.add_argument("--runs", type=int, default=3)
     p.add_argument("--modes", default="greedy,sample_t1", help="of greedy, sample_t1")
     p.add_argument("--cache_variants", default="bfloat16,int8",
                    help="cache dtypes of the greedy variant lines at the first batch ('' none)")

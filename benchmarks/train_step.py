@@ -22,7 +22,7 @@ import torch
 import transformers
 
 import rlaif_jax
-from benchmarks.common import (alternate, fastest_torch_threads, machine,
+from benchmarks.common import (add_llama_dims, alternate, fastest_torch_threads, machine,
                                matmul_ceiling_flops)
 from benchmarks.profile import jax_breakdown, rounded, torch_breakdown
 from rlaif_jax.models.flops import llama_train_step_flops
@@ -107,13 +107,9 @@ def make_ours(theirs_model, input_ids, scan_layers: bool = True,
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--heads", type=int, default=8)
+    add_llama_dims(p, runs=5)
     p.add_argument("--length", type=int, default=512)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--runs", type=int, default=5)
     p.add_argument("--scan_layers", type=int, default=1, help="0: unrolled layers")
     p.add_argument("--attention_block", type=int, default=128,
                    help="causal query blocks (LlamaConfig.attention_block); 0: dense attention")

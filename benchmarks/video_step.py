@@ -22,7 +22,7 @@ import optax
 import torch
 import transformers
 
-from benchmarks.common import (alternate, fastest_torch_threads, machine,
+from benchmarks.common import (add_llama_dims, alternate, fastest_torch_threads, machine,
                                matmul_ceiling_flops)
 from benchmarks.profile import jax_breakdown, rounded, torch_breakdown
 from benchmarks.train_step import Stepper, adamw_step, next_token_loss
@@ -40,13 +40,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--vision_width", type=int, default=256)
     p.add_argument("--vision_layers", type=int, default=4)
     p.add_argument("--vision_heads", type=int, default=4)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=32000)
+    add_llama_dims(p, runs=5)
     p.add_argument("--length", type=int, default=128, help="text tokens a row")
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--runs", type=int, default=5)
     p.add_argument("--attention_block", type=int, default=128,
                    help="causal query blocks of the LLaMA (LlamaConfig.attention_block)")
     p.add_argument("--profile", action="store_true")
