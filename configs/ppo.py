@@ -91,7 +91,7 @@ def tiny() -> ml_collections.ConfigDict:
     c.ppo.update(dict(rollout_batch_size=64, rollout_micro_batch=32, minibatch_size=32,
                       max_new_tokens=64, max_prompt_length=96, length_penalty=-0.2))
     c.optim.update(dict(lr=1e-3, warmup_iterations=2))
-    # Every held-out question (548 short, 64 descriptions), graded once, by the main job's table
+    # Every held-out question (574 short, 64 descriptions on world seed 0), graded once, by the main job's table
     # (every=-1: not during PPO, whose last checkpoint is the row).
     c.eval.update(dict(every=-1, num_qa=0, num_describe=0, max_new_tokens=64))
     c.checkpoint.every = 10
