@@ -24,6 +24,7 @@ favourable case for clips, which a real video's events need not be.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from typing import Callable, Optional, Sequence
@@ -153,6 +154,40 @@ def model_answerer(model, params, tokenizer, videos: dict, batch_size: int = 32,
     return answer
 
 
+@dataclasses.dataclass
+class ProbeSetup:
+    """A stage's model and the synthetic world's eval videos it is probed on."""
+    step_dir: str
+    model: object
+    params: dict
+    tokenizer: object
+    truths: dict  # eval video name -> truth
+    videos: dict  # eval video name -> frames [T, S, S, 3] at the model's frame count
+
+    @property
+    def num_frames(self) -> int:
+        return self.model.config.num_frames
+
+    def answerer(self, batch_size: int = 32) -> Answerer:
+        return model_answerer(self.model, self.params, self.tokenizer, self.videos, batch_size)
+
+
+def load_probe(stage: str, world: str = "", frames: int = 0) -> ProbeSetup:
+    """The model of a stage or step directory (at `frames` frames; 0: its own) and the eval
+    videos of its workdir's world (or of `world`)."""
+    step_dir, _ = stage_config(stage)
+    world_dir = world or world_dir_of(workdir_of(step_dir))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(stage_tokenizer_dir(step_dir))
+    overrides = {"num_frames": frames} if frames else {}
+    model, params = load_stage(step_dir, tokenizer=tokenizer, **overrides)
+    num_frames, size = model.config.num_frames, model.config.vision.image_size
+    truths = {name: truth for name, truth in world_files.load_truth(world_dir).items()
+              if name.startswith("eval_")}
+    videos = {name: load_frames(os.path.join(world_dir, world_files.video_path(name)),
+                                num_frames, size) for name in sorted(truths)}
+    return ProbeSetup(step_dir, model, params, tokenizer, truths, videos)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("stage", help="a stage or step directory of a video LLM (e.g. WORKDIR/sft)")
@@ -162,20 +197,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--json", default="", help="also write the rows and records here")
     args = parser.parse_args(argv)
-    step_dir, _ = stage_config(args.stage)
-    world_dir = args.world or world_dir_of(workdir_of(step_dir))
-    tokenizer = transformers.AutoTokenizer.from_pretrained(stage_tokenizer_dir(step_dir))
-    overrides = {"num_frames": args.frames} if args.frames else {}
-    model, params = load_stage(step_dir, tokenizer=tokenizer, **overrides)
-    num_frames, size = model.config.num_frames, model.config.vision.image_size
-    truths = {name: truth for name, truth in world_files.load_truth(world_dir).items()
-              if name.startswith("eval_")}
-    videos = {name: load_frames(os.path.join(world_dir, world_files.video_path(name)),
-                                num_frames, size) for name in sorted(truths)}
-    records = probe(truths, model_answerer(model, params, tokenizer, videos, args.batch_size))
+    setup = load_probe(args.stage, args.world, args.frames)
+    records = probe(setup.truths, setup.answerer(args.batch_size))
     rows = summarize(records)
-    print(f"{len(truths)} eval videos, {num_frames} frames, {NUM_CLIPS} clips "
-          f"({step_dir}):\n" + format_table(rows), flush=True)
+    print(f"{len(setup.truths)} eval videos, {setup.num_frames} frames, {NUM_CLIPS} clips "
+          f"({setup.step_dir}):\n" + format_table(rows), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "records": records}, f, indent=1)

@@ -23,20 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from typing import Optional, Sequence
 
 import numpy as np
-import transformers
 
 from rlaif_jax.data import prompts
-from rlaif_jax.data.synthetic import generate as world_files
 from rlaif_jax.data.synthetic import scorer, text, world
-from rlaif_jax.data.video import load_frames
-from rlaif_jax.engine.pretrained import load_stage, stage_config, stage_tokenizer_dir
-from rlaif_jax.eval.clip_probe import Answerer, model_answerer
-from rlaif_jax.workdir.layout import workdir_of
-from rlaif_jax.workdir.layout import world_dir as world_dir_of
+from rlaif_jax.eval.clip_probe import Answerer, load_probe
 
 MODES = ("none", "true", "own", "wrong")
 TIME_LOCALISED = "time-localised"
@@ -118,18 +111,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--json", default="", help="also write the rows and records here")
     args = parser.parse_args(argv)
-    step_dir, _ = stage_config(args.stage)
-    world_dir = args.world or world_dir_of(workdir_of(step_dir))
-    tokenizer = transformers.AutoTokenizer.from_pretrained(stage_tokenizer_dir(step_dir))
-    model, params = load_stage(step_dir, tokenizer=tokenizer)
-    num_frames, size = model.config.num_frames, model.config.vision.image_size
-    truths = {name: truth for name, truth in world_files.load_truth(world_dir).items()
-              if name.startswith("eval_")}
-    videos = {name: load_frames(os.path.join(world_dir, world_files.video_path(name)),
-                                num_frames, size) for name in sorted(truths)}
-    records = probe(truths, model_answerer(model, params, tokenizer, videos, args.batch_size))
+    setup = load_probe(args.stage, args.world)
+    records = probe(setup.truths, setup.answerer(args.batch_size))
     rows = summarize(records)
-    print(f"{len(truths)} eval videos, {num_frames} frames ({step_dir}):\n"
+    print(f"{len(setup.truths)} eval videos, {setup.num_frames} frames ({setup.step_dir}):\n"
           + format_table(rows), flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -51,3 +51,28 @@ def test_probe_grades_each_context_mode():
     assert rows["all"]["gain_own"] == pytest.approx(gain.mean())
     assert "| colour_end | 1 | 0.000 | 1.000 | 0.000 | 0.000 |" in context_probe.format_table(
         list(rows.values()))
+
+
+@pytest.mark.slow
+def test_probe_command_runs_on_the_smoke_model(smoke_workdir, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.support import ROOT, launch_env
+
+    out = tmp_path / "probe.json"
+    proc = subprocess.run([sys.executable, "-m", "rlaif_jax.eval.context_probe",
+                           os.path.join(smoke_workdir, "sft"), "--batch_size", "8",
+                           "--json", str(out)], cwd=ROOT, env=launch_env(8),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| all |" in proc.stdout
+    result = json.loads(out.read_text())
+    truths = json.load(open(os.path.join(smoke_workdir, "data", "world", "truth.json")))
+    asked = sum(len(context_probe.probed_specs(t)) for name, t in truths.items()
+                if name.startswith("eval_"))
+    rows = {r["type"]: r for r in result["rows"]}
+    assert rows["all"]["n"] == asked == len(result["records"])
+    assert all(0.0 <= r[m] <= 1.0 for r in result["rows"] for m in context_probe.MODES)

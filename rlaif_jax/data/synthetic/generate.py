@@ -40,8 +40,7 @@ SFT_CLIP_ROWS = 6
 SFT_CONTEXT_ROWS = 8
 P_CORRUPT_CLIP_ANSWER = 0.35
 JSON_FILES = ("sft_short", "sft_long", "sft_clip", "sft_context", "sft_judge", "policy_init",
-              "ppo_prompts",
-              "preferences_oracle", "eval_qa", "eval_generic", "eval_temporal",
+              "ppo_prompts", "preferences_oracle", "eval_qa", "eval_generic", "eval_temporal",
               "eval_consistency")
 
 
