@@ -288,13 +288,13 @@ def generate_world(out_dir: str, num_train: int = 512, num_eval: int = 64, frame
 
 def generate_rl_split(out_dir: str, num_videos: int, frames: int = 8, size: int = 64,
                       seed: int = 1, progress: bool = True) -> dict:
-    """More of the world's RL split: newly drawn videos with their PPO prompts (one short
-    question and the description each), truth and oracle pairs, in the world's file names
-    (ppo_prompts.json, truth.json, preferences_oracle.json; `out_dir` is the video root).
-    The feedback and RM stages read it with `--config.world_dir`/`prompts`/`preferences` and
-    the world's tokenizer (the texts come from the same templates), to measure what more
-    prompts or pairs buy: the world itself has two of each per RL video. Pick a seed other
-    than the world's. Returns the item counts."""
+    """More of the world's RL split: newly drawn videos with their PPO prompts (as the world
+    draws them: RL_SHORT_QUESTIONS short questions and the description each), truth and oracle
+    pairs, in the world's file names (ppo_prompts.json, truth.json, preferences_oracle.json;
+    `out_dir` is the video root). The feedback and RM stages read it with
+    `--config.world_dir`/`prompts`/`preferences` and the world's tokenizer (the texts come from
+    the same templates), to measure what more prompts or pairs buy. Pick a seed other than the
+    world's. Returns the item counts."""
     os.makedirs(os.path.join(out_dir, "videos"), exist_ok=True)
     rng = np.random.default_rng(seed)
     outputs = {"ppo_prompts": [], "preferences_oracle": []}
