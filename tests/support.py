@@ -460,6 +460,23 @@ def launch(args: list[str], devices: int = 1, timeout: int = 300) -> subprocess.
                           timeout=timeout)
 
 
+def run_module(module: str, args: list[str], devices: int = 8, timeout: int = 600
+               ) -> subprocess.CompletedProcess:
+    """Runs `python -m module args` from the repository in a fresh process."""
+    return subprocess.run([sys.executable, "-m", module] + args, cwd=ROOT,
+                          env=launch_env(devices), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def hand_made_truth(objects: list[dict], name: str = "eval_00000", num_frames: int = 8) -> dict:
+    """A synthetic video's truth from its objects (64 px, 4 fps; events listed from them)."""
+    from rlaif_jax.data.synthetic import world
+
+    truth = {"name": name, "num_frames": num_frames, "size": 64, "fps": 4, "objects": objects}
+    truth["events"] = world.list_events(truth)
+    return truth
+
+
 def run_smoke_sft(workdir: str) -> subprocess.CompletedProcess:
     result = launch(["--config=" + os.path.join(ROOT, "configs", "sft.py") + ":smoke",
                      f"--config.workdir={workdir}", "--config.log.progress=false"],

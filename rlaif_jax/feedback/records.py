@@ -23,14 +23,18 @@ from rlaif_jax.workdir.files import atomic_write_text, read_jsonl
 # Records: one per prompt, with the judge's probabilities and (graded only) the truth
 
 
+def _video_truth(truths: Optional[dict], images: Any) -> Optional[dict]:
+    """The synthetic world's truth of a record's video (None when unknown)."""
+    if not truths or not isinstance(images, str):
+        return None
+    return truths.get(os.path.splitext(os.path.basename(images))[0])
+
+
 def truth_of(truths: Optional[dict], images: Any, question: str, a1: str, a2: str
              ) -> dict:
     """The synthetic world's truth about a pair: the scorer's preference and scores ({} when the
     video's truth is unknown)."""
-    if not truths or not isinstance(images, str):
-        return {}
-    name = os.path.splitext(os.path.basename(images))[0]
-    truth = truths.get(name)
+    truth = _video_truth(truths, images)
     if truth is None:
         return {}
     scores = [scorer.score_answer(truth, question, a).score for a in (a1, a2)]
@@ -43,11 +47,9 @@ def clip_answer_grades(truths: Optional[dict], images: Any, question: str,
     """Graded only, on the synthetic world: whether each clip answer of a `question` context
     is what that clip shows (`text.clip_answer`); {} for other contexts, questions answered
     by clip descriptions, or unknown videos."""
-    if not truths or not context or not isinstance(images, str):
-        return {}
-    truth = truths.get(os.path.splitext(os.path.basename(images))[0])
+    truth = _video_truth(truths, images)
     spec = text.parse_question(question)
-    if truth is None or spec["type"] in text.DESCRIBED_IN_CLIPS:
+    if truth is None or not context or spec["type"] in text.DESCRIBED_IN_CLIPS:
         return {}
     given = prompts.split_clip_descriptions(context)
     right = text.clip_answers(truth, spec)

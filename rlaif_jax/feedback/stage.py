@@ -30,8 +30,8 @@ from rlaif_jax.engine.metrics import MetricsWriter
 from rlaif_jax.engine.pretrained import load_model
 from rlaif_jax.feedback.judge import (PER_VIDEO_CONTEXT, AIFeedback, FeedbackSettings,
                                       apply_margin, decide, question_of)
-from rlaif_jax.feedback.records import (clip_answer_grades, judged_item, part_path, preference_item, read_records,
-                                        summarize, truth_of)
+from rlaif_jax.feedback.records import (clip_answer_grades, judged_item, part_path,
+                                        preference_item, read_records, summarize, truth_of)
 from rlaif_jax.parallel import sharding as su
 from rlaif_jax.parallel.mesh import ConfigError, make_mesh
 from rlaif_jax.sampling.generate import SamplingConfig

@@ -352,7 +352,7 @@ def _generate_core(decoder, variables, input_ids, attention_mask, video_tokens, 
                     else jax.default_backend())
         unroll = platform == "cpu"
     step_decoder, step_variables = decoder, variables
-    if unroll and hasattr(decoder, "unrolled_llm"):
+    if unroll and hasattr(decoder, "unrolled_llm"):  # decoders without one keep the scan
         step_decoder, step_variables = decoder.unrolled_llm(variables)
         cache = kv_cache.to_layers(cache)
     cache = _constrain_cache(cache, mesh, rules)
@@ -381,7 +381,6 @@ def _generate_core(decoder, variables, input_ids, attention_mask, video_tokens, 
     rng, key = jax.random.split(rng)
     tokens, logprobs = select_tokens(first_logits, key, sampling)
     state = record(state, 0, tokens, logprobs)
-
 
     def keep_going(carry):
         step, _, _, state, _ = carry

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from tests.support import WORLD_ARGS
+from tests.support import WORLD_ARGS, hand_made_truth
 from rlaif_jax.data import conversation, prompts
 from rlaif_jax.data.synthetic import (answerable_specs, generate_rl_split, generate_world,
                                       load_truth, parse_question, preference, question_text,
@@ -227,9 +227,7 @@ def _changing_truth() -> dict:
          "motion": "left", "appear_frame": 0, "start": [40.0, 20.0], "radius": 7.7},
         {"shape": "square", "colour": "green", "new_colour": None, "change_frame": None,
          "motion": "still", "appear_frame": 4, "start": [12.0, 50.0], "radius": 7.7}]
-    truth = {"name": "t", "num_frames": 8, "size": 64, "fps": 4, "objects": objects}
-    truth["events"] = world.list_events(truth)
-    return truth
+    return hand_made_truth(objects, name="t")
 
 
 def test_clip_answers_say_what_each_clip_shows():

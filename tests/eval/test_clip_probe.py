@@ -3,14 +3,11 @@ and the command end to end on the smoke SFT model."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from rlaif_jax.data.synthetic import world
 from rlaif_jax.eval import clip_probe
-from tests.support import ROOT, launch_env
+from tests.support import hand_made_truth, run_module
 
 
 def _truth():
@@ -21,9 +18,7 @@ def _truth():
          "motion": "still", "appear_frame": 0, "start": [10.0, 10.0], "radius": 4.0},
         {"shape": "square", "colour": "green", "new_colour": None, "change_frame": None,
          "motion": "still", "appear_frame": 3, "start": [40.0, 40.0], "radius": 4.0}]
-    truth = {"name": "eval_00000", "num_frames": 8, "size": 64, "fps": 4, "objects": objects}
-    truth["events"] = world.list_events(truth)
-    return {"eval_00000": truth}
+    return {"eval_00000": hand_made_truth(objects)}
 
 
 # What a model might say: right from the clips, wrong about time from the whole video.
@@ -72,10 +67,8 @@ def test_an_answer_naming_two_colours_is_wrong():
 @pytest.mark.slow
 def test_probe_command_runs_on_the_smoke_model(smoke_workdir, tmp_path):
     out = tmp_path / "probe.json"
-    proc = subprocess.run([sys.executable, "-m", "rlaif_jax.eval.clip_probe",
-                           os.path.join(smoke_workdir, "sft"), "--batch_size", "8",
-                           "--json", str(out)], cwd=ROOT, env=launch_env(8),
-                          capture_output=True, text=True, timeout=600)
+    proc = run_module("rlaif_jax.eval.clip_probe", [os.path.join(smoke_workdir, "sft"),
+                                                     "--batch_size", "8", "--json", str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "8 frames, 3 clips" in proc.stdout and "| colour_start |" in proc.stdout
     result = json.loads(out.read_text())

@@ -1,21 +1,23 @@
 """The context-reading probe (rlaif_jax/eval/context_probe.py) on a hand-made video with a
 model that always reads the last clip's answer when given a context."""
 
+import json
+import os
+
 import numpy as np
 import pytest
 
 from rlaif_jax.data import prompts
 from rlaif_jax.data.synthetic import text, world
 from rlaif_jax.eval import context_probe
+from tests.support import hand_made_truth, run_module
 
 
 def _truths():
     """A circle red -> blue at frame 4 (8 frames, clips 0-2 / 3-5 / 6-7), alone in the video."""
     objects = [{"shape": "circle", "colour": "red", "new_colour": "blue", "change_frame": 4,
                 "motion": "still", "appear_frame": 0, "start": [10.0, 10.0], "radius": 4.0}]
-    truth = {"name": "eval_00000", "num_frames": 8, "size": 64, "fps": 4, "objects": objects}
-    truth["events"] = world.list_events(truth)
-    return {"eval_00000": truth}
+    return {"eval_00000": hand_made_truth(objects)}
 
 
 def test_probe_grades_each_context_mode():
@@ -55,18 +57,9 @@ def test_probe_grades_each_context_mode():
 
 @pytest.mark.slow
 def test_probe_command_runs_on_the_smoke_model(smoke_workdir, tmp_path):
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from tests.support import ROOT, launch_env
-
     out = tmp_path / "probe.json"
-    proc = subprocess.run([sys.executable, "-m", "rlaif_jax.eval.context_probe",
-                           os.path.join(smoke_workdir, "sft"), "--batch_size", "8",
-                           "--json", str(out)], cwd=ROOT, env=launch_env(8),
-                          capture_output=True, text=True, timeout=600)
+    proc = run_module("rlaif_jax.eval.context_probe", [os.path.join(smoke_workdir, "sft"),
+                                                        "--batch_size", "8", "--json", str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| all |" in proc.stdout
     result = json.loads(out.read_text())
