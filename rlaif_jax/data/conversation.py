@@ -223,14 +223,22 @@ def tokenize_for_reward_model(question_turn: dict, response: str, tokenizer,
                               max_length: int | None = None) -> np.ndarray:
     """Reward-model tokens of one candidate; an over-long response is cut, never the question
     or the evaluation prompt, since the score is read at the very last token."""
+    return reward_model_row(question_turn, response, tokenizer, max_length)[0]
+
+
+def reward_model_row(question_turn: dict, response: str, tokenizer,
+                     max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, response_mask) of one candidate, as `tokenize_for_reward_model`: the mask is 1 on
+    the response's tokens (its closing eos included), which an RM with a likelihood term
+    (rm/model.py) scores."""
     text, spans = render(reward_model_turns(question_turn, response), open_last=True)
     ids, offsets = tokenize_with_offsets(text, tokenizer)
     ids_array = np.asarray(ids, np.int32)
     check_ids_in_vocabulary(ids_array, tokenizer)
-    if max_length is None or len(ids) <= max_length:
-        return ids_array
     start, end = spans[0]  # the response (with its </s>)
     in_response = np.array([s < end and e > start for s, e in offsets])
+    if max_length is None or len(ids) <= max_length:
+        return ids_array, in_response.astype(np.int32)
     response_positions = np.flatnonzero(in_response)
     excess = len(ids) - max_length
     # Drop the response's last tokens but keep its closing eos (the response ends cleanly).
@@ -240,7 +248,7 @@ def tokenize_for_reward_model(question_turn: dict, response: str, tokenizer,
             f"question and evaluation prompt alone exceed max_length={max_length}")
     last_kept = response_positions[-1] - (1 if keep_eos else 0)
     drop = np.arange(last_kept - excess + 1, last_kept + 1)
-    return np.delete(ids_array, drop)
+    return np.delete(ids_array, drop), np.delete(in_response, drop).astype(np.int32)
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad: int, length: Optional[int] = None

@@ -11,7 +11,8 @@ Batches (numpy, static shapes, B = the process's rows):
   assistant answers), frames uint8 [B, T, S, S, 3], has_video bool [B]
 - prompt, qa: the same keys with left-padded prompts ending in "ASSISTANT:" and labels all -100
 - preference: input_ids, attention_mask [B, 2, L] (right-padded; the question, response 1 or 2,
-  then the reward model's evaluation prompt), preference int32 [B] (1 or 2), frames, has_video
+  then the reward model's evaluation prompt), response_mask [B, 2, L] (1 on the response's
+  tokens), preference int32 [B] (1 or 2), frames, has_video
 Every batch also has index int32 [B] (the example's record index, -1 for filler) and valid
 bool [B] (False only for filler rows past the end of a non-repeating evaluation pass).
 """
@@ -163,7 +164,7 @@ class Pipeline:
 
     def _tokenize(self, record: dict):
         """Tokens of one record: a Tokenized (instruction), the prompt's ids (prompt, qa), or the
-        two reward-model rows (preference)."""
+        two reward-model rows (preference), each (ids, response mask)."""
         if self.kind == "instruction":
             return conversation.tokenize_conversation(_turns(record), self.tokenizer,
                                                       self.max_length)
@@ -174,7 +175,7 @@ class Pipeline:
             return ids
         if self.kind == "preference":
             question = conversation.first_human_turn(_turns(record))
-            return tuple(conversation.tokenize_for_reward_model(
+            return tuple(conversation.reward_model_row(
                 question, record[key], self.tokenizer, self.max_length)
                 for key in ("output_1", "output_2"))
         raise ValueError(f"unknown kind {self.kind!r}")
@@ -229,13 +230,16 @@ class Pipeline:
             batch["attention_mask"] = _pad([np.ones_like(r) for r in rows], L, 0, left=True)
             batch["labels"] = np.full((len(rows), L), ignore, np.int32)
         else:  # preference
-            empty = np.zeros(0, np.int32)
+            empty = (np.zeros(0, np.int32), np.zeros(0, np.int32))
             pairs = [self._tokenize(r) if ok else (empty, empty) for r, ok in zip(records, valid)]
-            batch["input_ids"] = np.stack(
-                [_pad([p[k] for p in pairs], L, pad, left=False) for k in (0, 1)], axis=1)
-            batch["attention_mask"] = np.stack(
-                [_pad([np.ones_like(p[k]) for p in pairs], L, 0, left=False) for k in (0, 1)],
-                axis=1)
+
+            def stacked(part, fill, of=lambda x: x):  # [B, 2, L] of candidate k's part
+                return np.stack([_pad([of(p[k][part]) for p in pairs], L, fill, left=False)
+                                 for k in (0, 1)], axis=1)
+
+            batch["input_ids"] = stacked(0, pad)
+            batch["attention_mask"] = stacked(0, 0, np.ones_like)
+            batch["response_mask"] = stacked(1, 0)
             batch["preference"] = np.array([int(r.get("preference", 1)) for r in records],
                                            np.int32)
         return batch

@@ -101,8 +101,9 @@ def rm_rows(stage_dir: str, batch_size: int = 16) -> list[dict]:
     pipeline = Pipeline(os.path.join(data_dir, "build"), "heldout", tokenizer, batch_size,
                         int(config.get("max_length", 256)), 0, shuffle=False,
                         num_frames=model.config.num_frames)
-    score = jax.jit(lambda p, b: pair_rewards(model, {"params": p}, b))
-    keys = ("input_ids", "attention_mask", "frames", "has_video")
+    weight = float(config.get("likelihood_weight", 0.0))
+    score = jax.jit(lambda p, b: pair_rewards(model, {"params": p}, b, weight))
+    keys = ("input_ids", "attention_mask", "response_mask", "frames", "has_video")
     rows = []
     for record, said, _ in heldout_verdicts(
             lambda batch: score(params, {k: batch[k] for k in keys if k in batch}), pipeline):

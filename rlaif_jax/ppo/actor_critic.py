@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from rlaif_jax.models.heads import RewardHead, ValueHead
 from rlaif_jax.models.llama import Llama
 from rlaif_jax.ppo.rl_math import token_entropy
+from rlaif_jax.rm.model import response_mean_logprob
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +42,9 @@ class ActorCritic:
     critic_shares_base: bool = True
     full_finetune: bool = False
     rm_has_adapter: bool = True
+    # The RM's likelihood term (rm/model.py): its score adds this times the response's mean
+    # log-probability per token under the RM's own LM. From the RM checkpoint's config.
+    rm_likelihood_weight: float = 0.0
 
     @property
     def is_video(self) -> bool:
@@ -150,9 +154,20 @@ class ActorCritic:
         suffix = jnp.broadcast_to(jnp.asarray(rm_suffix, ids.dtype), (ids.shape[0], len(rm_suffix)))
         ids = jnp.concatenate([ids, suffix], axis=1)
         mask = jnp.concatenate([mask, jnp.ones_like(suffix)], axis=1)
-        hidden = _hidden(self.critic, self.rm_variables(tree), ids, mask,
-                         _critic_video(batch, self), batch.get("has_video"))
-        return RewardHead().apply({"params": tree["rm"]["head"]}, hidden, mask)
+        variables = self.rm_variables(tree)
+        hidden = _hidden(self.critic, variables, ids, mask, _critic_video(batch, self),
+                         batch.get("has_video"))
+        score = RewardHead().apply({"params": tree["rm"]["head"]}, hidden, mask)
+        if not self.rm_likelihood_weight:
+            return score
+        # As the RM stage scores a row: the response's tokens (its EOS included), each read
+        # from the position before it (the prompt's last slot reads the first).
+        prompt_slots = batch["prompt_ids"].shape[1]
+        span = slice(prompt_slots - 1, prompt_slots + batch["response"].shape[1])
+        logits = self.critic.apply(variables, hidden[:, span], method="logits")
+        response_mask = jnp.pad(batch["mask"], ((0, 0), (1, 0)))
+        return score + self.rm_likelihood_weight * response_mean_logprob(
+            logits, ids[:, span], response_mask)
 
 
 def _critic_video(batch: dict, models: ActorCritic) -> Optional[jax.Array]:

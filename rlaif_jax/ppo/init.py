@@ -169,7 +169,8 @@ def load_actor_critic(workdir: str, init: str, rm_init: str, mesh, rules, tokeni
     if shares:
         critic = policy
     models = ActorCritic(policy=policy, critic=critic, critic_shares_base=shares,
-                         full_finetune=full_finetune, rm_has_adapter=rm_has_adapter)
+                         full_finetune=full_finetune, rm_has_adapter=rm_has_adapter,
+                         rm_likelihood_weight=float(rm_config.get("likelihood_weight", 0.0)))
 
     loaded: dict = {}
 

@@ -12,6 +12,13 @@ is preferred (= Bradley-Terry), plus 1e-3 * |mean(r1 + r2)|, which keeps the rew
 The BCE is summed over pairs and weighted by their count (engine/step.py); the centring term is
 a batch mean, so the step adds it as `pairs * |mean|` of its batch: exact without accumulation,
 a weighted mean of the micro-batches' terms with it.
+
+`likelihood_weight` w > 0 adds w * (the response's mean log-probability per token under the RM's
+own language model, given the video and question) to the head's score. At the start the head
+is near zero, so the RM starts as the likelihood judge of the SFT model it was made from, and
+Bradley-Terry training moves both terms. A scalar head alone has to learn from a few hundred
+pairs what the model already knows about the video; on the tiny world it does not
+(docs/feedback_and_rm.md). w = 0 is the paper's RM.
 """
 
 from __future__ import annotations
@@ -27,14 +34,15 @@ from rlaif_jax.data import conversation
 CENTER_COEF = 1e-3
 
 
-def pair_rewards(model: Any, variables: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
+def pair_rewards(model: Any, variables: Any, batch: Mapping[str, jax.Array],
+                 likelihood_weight: float = 0.0) -> jax.Array:
     """Rewards [B, 2] of a preference batch: `input_ids`, `attention_mask` [B, 2, L] (padded on
-    either side), `frames` [B, T, S, S, 3] and `has_video` [B]. Each video is encoded once and
-    shared by its two candidates."""
+    either side), `frames` [B, T, S, S, 3] and `has_video` [B]; `response_mask` [B, 2, L] with
+    a likelihood weight. Each video is encoded once and shared by its two candidates."""
     ids = batch["input_ids"]
     pairs, candidates, length = ids.shape
-    flat = {"input_ids": ids.reshape(pairs * candidates, length),
-            "attention_mask": batch["attention_mask"].reshape(pairs * candidates, length)}
+    flat = {key: batch[key].reshape(pairs * candidates, length)
+            for key in ("input_ids", "attention_mask", "response_mask") if key in batch}
     video_tokens = has_video = None
     if batch.get("frames") is not None:
         video_tokens = model.apply(variables, batch["frames"], method="encode_video")
@@ -43,19 +51,39 @@ def pair_rewards(model: Any, variables: Any, batch: Mapping[str, jax.Array]) -> 
         has_video = (jnp.ones((pairs,), bool) if has_video is None else has_video.astype(bool))
         has_video = jnp.repeat(has_video, candidates, axis=0)
     flat["video_tokens"], flat["has_video"] = video_tokens, has_video
-    return reward_scores(model, variables, flat).reshape(pairs, candidates)
+    return reward_scores(model, variables, flat, likelihood_weight).reshape(pairs, candidates)
 
 
-def reward_scores(model: Any, variables: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
+def reward_scores(model: Any, variables: Any, batch: Mapping[str, jax.Array],
+                  likelihood_weight: float = 0.0) -> jax.Array:
     """Scores [B] of reward-model rows (`reward_model_rows`, or the pipeline's candidates):
     `input_ids`, `attention_mask` [B, L] (left or right padded: the head reads each row's last
-    real token), and for videos `has_video` [B] with `frames` or precomputed `video_tokens`."""
+    real token), and for videos `has_video` [B] with `frames` or precomputed `video_tokens`;
+    with a likelihood weight also `response_mask` [B, L]."""
     out = model.apply(variables, batch["input_ids"], batch["attention_mask"],
                       frames=batch.get("frames"), has_video=batch.get("has_video"),
-                      video_tokens=batch.get("video_tokens"), compute_logits=False)
+                      video_tokens=batch.get("video_tokens"),
+                      compute_logits=bool(likelihood_weight))
     if out.reward is None:
         raise ValueError("the model has no reward head (set reward_head=True in its config)")
-    return out.reward
+    if not likelihood_weight:
+        return out.reward
+    if "response_mask" not in batch:
+        raise ValueError("an RM with a likelihood term needs the rows' response_mask")
+    return out.reward + likelihood_weight * response_mean_logprob(
+        out.logits, batch["input_ids"], batch["response_mask"])
+
+
+def response_mean_logprob(logits: jax.Array, input_ids: jax.Array,
+                          response_mask: jax.Array) -> jax.Array:
+    """Mean log-probability per token [B] of each row's tokens under `response_mask` [B, L],
+    each predicted from the position before it (logits [B, L, V] at the text positions)."""
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(logp, input_ids[:, 1:, None], axis=-1)[..., 0]
+    mask = response_mask[:, 1:].astype(bool)
+    # where, not a product: a pad position's logits need not be finite.
+    total = jnp.sum(jnp.where(mask, chosen, 0.0), axis=-1)
+    return total / jnp.maximum(jnp.sum(mask, axis=-1), 1).astype(jnp.float32)
 
 
 def preference_loss_sums(rewards: jax.Array, preference: jax.Array,
@@ -82,12 +110,12 @@ def preference_loss_sums(rewards: jax.Array, preference: jax.Array,
     return sums["loss"], sums
 
 
-def make_rm_loss(model: Any, center_coef: float = CENTER_COEF):
+def make_rm_loss(model: Any, center_coef: float = CENTER_COEF, likelihood_weight: float = 0.0):
     """loss_fn(variables, batch, rng) -> (loss_sum, sums) for engine/step.py."""
 
     def loss_fn(variables, batch, rng):
         del rng  # no dropout in these models
-        rewards = pair_rewards(model, variables, batch)
+        rewards = pair_rewards(model, variables, batch, likelihood_weight)
         return preference_loss_sums(rewards, batch["preference"], batch.get("valid"),
                                     center_coef)
 

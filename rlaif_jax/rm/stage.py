@@ -112,9 +112,10 @@ def build_rm_stage(config, mesh):
     tx, schedule = optim.make_optimizer(config.optim, num_steps)
     layout = plan_state(init_variables, tx, mesh, rules, config.trainable, config.frozen,
                         config.max_replicated_share)
-    step = make_train_step(make_rm_loss(model, config.center_coef), layout, schedule,
+    weight = float(config.likelihood_weight)
+    step = make_train_step(make_rm_loss(model, config.center_coef, weight), layout, schedule,
                            config.accum_steps)
-    eval_fn = make_eval_fn(lambda v, b: pair_rewards(model, v, b), layout)
+    eval_fn = make_eval_fn(lambda v, b: pair_rewards(model, v, b, weight), layout)
 
     def fresh_state():
         rng = jax.random.PRNGKey(config.seed)

@@ -100,6 +100,22 @@ def test_generation_prompt_and_reward_model_rows(tokenizer):
     np.testing.assert_array_equal(cut[-tail:], full[-tail:])
     with pytest.raises(conversation.TooLong):
         conversation.tokenize_for_reward_model(question, long_response, tokenizer, 20)
+    # The response mask marks the response's tokens and its closing eos, whole or cut.
+    for ids, (row, mask) in ((full, conversation.reward_model_row(question, long_response,
+                                                                  tokenizer)),
+                             (cut, conversation.reward_model_row(question, long_response,
+                                                                 tokenizer, limit))):
+        np.testing.assert_array_equal(row, ids)
+        marked = np.flatnonzero(mask)
+        assert np.all(np.diff(marked) == 1)  # one span
+        prompt = conversation.tokenize_prompt(question, tokenizer)
+        assert marked[0] == len(prompt) and row[marked[-1]] == tokenizer.eos_token_id
+        assert len(row) - marked[-1] - 1 == tail - 1  # the evaluation turn follows
+    assert tokenizer.decode(full[mask_full := conversation.reward_model_row(
+        question, long_response, tokenizer)[1] > 0], skip_special_tokens=True).strip() == \
+        long_response.strip()
+    assert mask_full.sum() - conversation.reward_model_row(
+        question, long_response, tokenizer, limit)[1].sum() == 15
 
 
 def test_token_counts_match_tokenisation(tokenizer):

@@ -4,7 +4,8 @@ Two reward-model stages are trained for two steps by the RM stage itself (reward
 on the small synthetic world's preference pairs: the tiny preset's kind (fully fine-tuned LLM +
 head, vision frozen) and the vicuna13b preset's kind (a LoRA adapter + head over a frozen
 backbone). A one-step text SFT stage with a LoRA adapter stands in for the policy init. For each
-RM, the reward model PPO loads scores rows exactly as the RM stage's own model, restored the way
+RM (the full one with the likelihood term, the adapter one without), the reward model PPO loads
+scores rows exactly as the RM stage's own model, restored the way
 the stage resumes, scores the same rows; the value model starts as the RM backbone with a zero
 head; the policy and reference are the policy-init adapter on its base.
 """
@@ -101,7 +102,7 @@ def _rm_stage_scores(rm_stage, tokenizer, batch):
     adapter = {"lora": config.lora.to_dict()} if config.lora.rank > 0 else {}
     model, _ = model_from_config(config.model_kind, config.model, tokenizer=tokenizer,
                                  reward_head=True, **adapter)
-    scores = jax.jit(lambda v, b: pair_rewards(model, v, b))
+    scores = jax.jit(lambda v, b: pair_rewards(model, v, b, config.likelihood_weight))
     return np.asarray(scores(optim.merge_trees(state.params, frozen), batch))
 
 
@@ -152,6 +153,9 @@ def test_ppo_rm_scores_as_the_rm_stage_and_value_starts_as_its_backbone(loaded):
     adapter = config.lora.rank > 0
     models = run.models
     assert not models.critic_shares_base and models.rm_has_adapter == adapter
+    # The full RM (the tiny preset's kind) has the likelihood term, the adapter one (vicuna13b's)
+    # the paper's head alone: PPO scores both as their stage did.
+    assert models.rm_likelihood_weight == config.likelihood_weight == (0.0 if adapter else 1.0)
     saved = read_step_dir(run.rm_step)[0]
     same = lambda a, b: jax.tree.map(np.testing.assert_array_equal, a, b)  # noqa: E731
     same(tree["rm"]["head"], saved["params"]["reward_head"])
@@ -173,7 +177,8 @@ def test_ppo_rm_scores_as_the_rm_stage_and_value_starts_as_its_backbone(loaded):
                     config.max_length, config.seed, shuffle=False,
                     num_frames=models.critic.config.num_frames)
     local = pipe.batch(0)
-    batch = {k: local[k] for k in ("input_ids", "attention_mask", "frames", "has_video")}
+    batch = {k: local[k] for k in ("input_ids", "attention_mask", "response_mask", "frames",
+                                   "has_video")}
     want = _rm_stage_scores(rm_stage, tokenizer, batch)
     assert np.ptp(want) > 1e-4  # the rows tell the RM something
 

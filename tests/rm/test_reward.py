@@ -116,6 +116,44 @@ def test_score_is_read_at_the_real_last_token_under_left_and_right_padding(lora_
     np.testing.assert_allclose(got.reshape(-1), want, rtol=1e-5, atol=1e-5)
 
 
+def test_likelihood_term_adds_the_responses_mean_log_probability(lora_model):
+    """With likelihood_weight w the score is the head's plus w times the mean log-probability
+    of the tokens under response_mask, each read from the logits of the position before it:
+    checked by hand from the model's logits, under left and right padding."""
+    model, variables = lora_model
+    rng = np.random.default_rng(5)
+    lengths, response = (9, 12, 14), ((4, 7), (5, 10), (3, 13))  # [start, end) of each response
+    rows = [np.concatenate([[1, IMAGE_ID], rng.integers(3, 96, size=n - 2)]).astype(np.int32)
+            for n in lengths]
+    frames = rng.integers(0, 256, size=(3, 2, 32, 32, 3)).astype(np.uint8)
+    weight = 0.7
+
+    def padded(left, length=16):
+        batch = {k: np.zeros((3, length), np.int32)
+                 for k in ("input_ids", "attention_mask", "response_mask")}
+        for i, (row, (a, b)) in enumerate(zip(rows, response)):
+            offset = length - len(row) if left else 0
+            batch["input_ids"][i, offset:offset + len(row)] = row
+            batch["attention_mask"][i, offset:offset + len(row)] = 1
+            batch["response_mask"][i, offset + a:offset + b] = 1
+        return dict(batch, frames=frames, has_video=np.ones(3, bool))
+
+    score = jax.jit(lambda v, b, w: rm_model.reward_scores(model, v, b, w), static_argnums=2)
+    logits = jax.jit(lambda v, b: model.apply(v, b["input_ids"], b["attention_mask"],
+                                              frames=b["frames"], has_video=b["has_video"]).logits)
+    right = padded(left=False)
+    head_only = np.asarray(score(variables, right, 0.0))
+    all_logits = np.asarray(logits(variables, right), np.float64)
+    logp = all_logits - np.log(np.exp(all_logits).sum(-1, keepdims=True))
+    means = np.array([np.mean([logp[i, t - 1, right["input_ids"][i, t]] for t in range(a, b)])
+                      for i, (a, b) in enumerate(response)])
+    for batch in (right, padded(left=True)):
+        got = np.asarray(score(variables, batch, weight))
+        np.testing.assert_allclose(got, head_only + weight * means, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="response_mask"):
+        score(variables, {k: v for k, v in right.items() if k != "response_mask"}, weight)
+
+
 def _setup(model, sizes, host, tx):
     devices = jax.devices()[:1] if sizes == ONE else None
     mesh = make_mesh(sizes, devices)
