@@ -57,3 +57,27 @@ def test_run_one_names_lines_and_reports_failures(monkeypatch):
     assert records[0]["name"] == "data_pipeline/decode"
     assert records[1]["name"] == "data_pipeline" and "exit 2" in records[1]["error"]
     assert "ValueError: bad" in records[1]["error"]
+
+
+def test_decode_step_tool_reports_its_floors_on_cpu():
+    """benchmarks/decode_step.py on a tiny LLaMA on XLA:CPU: the lone-matmul floor counts every
+    projection kernel (their bytes are what the tiny model's kernels hold) and lies between
+    the plain floor and the step's own bytes."""
+    import jax
+    import jax.numpy as jnp
+    import flax.linen as nn
+
+    from benchmarks import decode_step
+    from rlaif_jax.models.llama import Llama, LlamaConfig
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2,
+                         num_heads=4, num_kv_heads=2, scan_layers=False)
+    costs = decode_step.decode_step_costs(config, rows=4, slots=64)
+    assert costs["floor_gib"] <= costs["matmul_floor_gib"]
+    assert costs["over_matmul_floor"] <= costs["over_floor"]
+    params = nn.unbox(jax.eval_shape(lambda: Llama(config).init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"])
+    matmuls = decode_step.lone_matmul_bytes(params, 4, jax.devices()[0])
+    per_layer = 64 * (64 + 2 * 32 + 64) + 3 * 64 * 96  # q, k, v (2 kv heads), o; gate, up, down
+    assert matmuls["weights"] == 4 * (2 * per_layer + 64 * 128)  # float32, + the LM head
+    assert matmuls["charged"] >= matmuls["weights"]
