@@ -190,8 +190,10 @@ def test_ppo_tree_is_made_of_the_checkpoints_and_scores_as_the_rm(main_job):
     ppo_score = loaded.models.rm_scores(tree, batch, suffix)
     rm_model, _ = build_stage_model(loaded.rm_config, tokenizer, reward_head=True)
     rm_params = dict(tree["critic"]["params"], reward_head=tree["rm"]["head"])
+    weight = loaded.models.rm_likelihood_weight
+    assert weight == loaded.rm_config["likelihood_weight"] == 1.0  # the tiny preset's term
     rm_score = reward_scores(rm_model, {"params": rm_params}, dict(
-        row, frames=frames, has_video=np.ones(1, bool)))
+        row, frames=frames, has_video=np.ones(1, bool)), weight)
     np.testing.assert_allclose(ppo_score, rm_score, rtol=1e-4, atol=1e-5)
 
 

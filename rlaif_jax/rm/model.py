@@ -130,15 +130,17 @@ def reward_model_rows(question_turns: Sequence[dict], responses: Sequence[str], 
                       max_length: int, pad_to: int | None = None) -> dict[str, np.ndarray]:
     """Right-padded RM rows [B, L] of (question turn, response text) pairs: the question, the
     response (with its closing eos) and the evaluation prompt, exactly as the RM was trained
-    (`conversation.tokenize_for_reward_model`; an over-long response is cut, never the prompt).
-    L = pad_to or max_length."""
-    rows = [conversation.tokenize_for_reward_model(q, r, tokenizer, max_length)
+    (`conversation.reward_model_row`; an over-long response is cut, never the prompt), with
+    the response's tokens marked in `response_mask`. L = pad_to or max_length."""
+    rows = [conversation.reward_model_row(q, r, tokenizer, max_length)
             for q, r in zip(question_turns, responses)]
     length = pad_to or max_length
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = np.full((len(rows), length), pad, np.int32)
     mask = np.zeros((len(rows), length), np.int32)
-    for i, row in enumerate(rows):
+    response_mask = np.zeros((len(rows), length), np.int32)
+    for i, (row, in_response) in enumerate(rows):
         ids[i, :len(row)] = row
         mask[i, :len(row)] = 1
-    return {"input_ids": ids, "attention_mask": mask}
+        response_mask[i, :len(row)] = in_response
+    return {"input_ids": ids, "attention_mask": mask, "response_mask": response_mask}

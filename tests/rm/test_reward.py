@@ -250,6 +250,8 @@ def test_reward_model_rows_are_the_pipelines_preference_rows(
         np.testing.assert_array_equal(rows["input_ids"], batch["input_ids"][:, candidate])
         np.testing.assert_array_equal(rows["attention_mask"],
                                       batch["attention_mask"][:, candidate])
+        np.testing.assert_array_equal(rows["response_mask"],
+                                      batch["response_mask"][:, candidate])
     user, prefix = prompts.rm_evaluation_prompt()
     text = world_tokenizer.decode(rows["input_ids"][0][rows["attention_mask"][0] > 0])
     assert text.rstrip().endswith(prefix) and user in text
