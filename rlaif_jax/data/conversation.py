@@ -133,32 +133,16 @@ def tokenize_with_offsets(text: str, tokenizer, add_bos: bool = True
     return tokenize_many_with_offsets([text], tokenizer, add_bos)[0]
 
 
-def token_counts(texts: Sequence[str], tokenizer, add_bos: bool = True) -> list[int]:
-    """len(tokenize_with_offsets(text)[0]) of each text ("" counts 0), in one batched call."""
-    chunks, owners = [], []
-    counts = []
-    for position, text in enumerate(texts):
-        parts = text.split(prompts.IMAGE_TOKEN) if text else []
-        bos = int(add_bos and tokenizer.bos_token_id is not None and bool(text))
-        counts.append(bos + max(0, len(parts) - 1))
-        for part in parts:
-            if part:
-                chunks.append(part)
-                owners.append(position)
-    if chunks:
-        encoded = tokenizer(chunks, add_special_tokens=False)["input_ids"]
-        for owner, ids in zip(owners, encoded):
-            counts[owner] += len(ids)
-    return counts
-
-
-def _truncate(ids: np.ndarray, labels: np.ndarray, max_length: int | None, image_id: int):
+def truncate(tokenized: Tokenized, max_length: int | None, image_id: int) -> Tokenized:
+    """Cuts training tokens at the end to max_length; raises PlaceholderWouldBeCut rather than
+    cut a placeholder."""
+    ids, labels = tokenized.input_ids, tokenized.labels
     if max_length is None or len(ids) <= max_length:
-        return ids, labels, False
+        return tokenized
     if np.any(ids[max_length:] == image_id):
         raise PlaceholderWouldBeCut(
             f"the <image> placeholder lies past max_length={max_length}")
-    return ids[:max_length], labels[:max_length], True
+    return Tokenized(ids[:max_length], labels[:max_length], True)
 
 
 def tokenize_conversation(turns: Sequence[dict], tokenizer, max_length: int | None = None,
@@ -188,7 +172,7 @@ def tokenize_conversations(conversations: Sequence[Sequence[dict]], tokenizer,
                     labels[position] = ids[position]
         labels[ids_array == image_id] = IGNORE_INDEX
         check_ids_in_vocabulary(ids_array, tokenizer)
-        results.append(Tokenized(*_truncate(ids_array, labels, max_length, image_id)))
+        results.append(truncate(Tokenized(ids_array, labels), max_length, image_id))
     return results
 
 
@@ -201,12 +185,19 @@ def first_human_turn(turns: Sequence[dict]) -> dict:
 
 def tokenize_prompt(question_turn: dict | str, tokenizer) -> np.ndarray:
     """A generation prompt: system, the one human turn, then "ASSISTANT:" (no truncation)."""
-    if isinstance(question_turn, str):
-        question_turn = {"from": "human", "value": question_turn}
-    text, _ = render([question_turn, {"from": "gpt", "value": None}])
-    ids = np.asarray(tokenize_with_offsets(text, tokenizer)[0], np.int32)
-    check_ids_in_vocabulary(ids, tokenizer)
-    return ids
+    return tokenize_prompts([question_turn], tokenizer)[0]
+
+
+def tokenize_prompts(question_turns: Sequence[dict | str], tokenizer) -> list[np.ndarray]:
+    """tokenize_prompt of many turns, with one batched tokenizer call."""
+    texts = [render([{"from": "human", "value": turn} if isinstance(turn, str) else turn,
+                     {"from": "gpt", "value": None}])[0] for turn in question_turns]
+    results = []
+    for ids, _ in tokenize_many_with_offsets(texts, tokenizer):
+        ids_array = np.asarray(ids, np.int32)
+        check_ids_in_vocabulary(ids_array, tokenizer)
+        results.append(ids_array)
+    return results
 
 
 def reward_model_turns(question_turn: dict, response: str) -> list[dict]:

@@ -100,9 +100,3 @@ def test_generation_prompt_and_reward_model_rows(tokenizer):
     np.testing.assert_array_equal(cut[-tail:], full[-tail:])
     with pytest.raises(conversation.TooLong):
         conversation.tokenize_for_reward_model(question, long_response, tokenizer, 20)
-
-
-def test_token_counts_match_tokenisation(tokenizer):
-    texts = [conversation.render(TURNS)[0], "no placeholder here", "", "<image>", "a<image>b<image>"]
-    expected = [len(conversation.tokenize_with_offsets(t, tokenizer)[0]) if t else 0 for t in texts]
-    assert conversation.token_counts(texts, tokenizer) == expected
