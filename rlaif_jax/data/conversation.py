@@ -162,18 +162,22 @@ def tokenize_conversations(conversations: Sequence[Sequence[dict]], tokenizer,
     rendered = [render(turns, open_last=open_last) for turns in conversations]
     tokenized = tokenize_many_with_offsets([text for text, _ in rendered], tokenizer)
     image_id = image_token_id(tokenizer)
-    results = []
+    rows = []
     for (_, spans), (ids, offsets) in zip(rendered, tokenized):
         ids_array = np.asarray(ids, np.int32)
         labels = np.full(len(ids), IGNORE_INDEX, np.int32)
-        if train_on_answers:
-            for position, (start, end) in enumerate(offsets):
-                if end > start and any(start < b and end > a for a, b in spans):
-                    labels[position] = ids[position]
+        if train_on_answers and spans and len(ids):
+            # A token is trained on when its (non-empty) character span overlaps an answer's.
+            bounds = np.asarray(offsets, np.int64).reshape(-1, 2)  # [tokens, (start, end)]
+            answers = np.asarray(spans, np.int64)  # [answers, (start, end)]
+            overlaps = (bounds[:, :1] < answers[:, 1]) & (bounds[:, 1:] > answers[:, 0])
+            trained = (bounds[:, 1] > bounds[:, 0]) & overlaps.any(axis=1)
+            labels[trained] = ids_array[trained]
         labels[ids_array == image_id] = IGNORE_INDEX
-        check_ids_in_vocabulary(ids_array, tokenizer)
-        results.append(truncate(Tokenized(ids_array, labels), max_length, image_id))
-    return results
+        rows.append(Tokenized(ids_array, labels))
+    if rows:  # one check for all rows: it looks the vocabulary up each call
+        check_ids_in_vocabulary(np.concatenate([row.input_ids for row in rows]), tokenizer)
+    return [truncate(row, max_length, image_id) for row in rows]
 
 
 def first_human_turn(turns: Sequence[dict]) -> dict:
