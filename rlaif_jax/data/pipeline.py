@@ -119,7 +119,7 @@ class Pipeline:
         records' video ids (and preferences) are kept whatever the size: a batch then reads
         no record when its rows are kept.
         """
-        records = [decode_record(r) for r in self._items.__getitems__(range(len(self._items)))]
+        records = self.data.item_records(self.split)
         self._video_ids = np.array([int(r["video"]) for r in records], np.int64)
         if self.kind == "preference":
             self._preferences = np.array([int(r.get("preference", 1)) for r in records],
@@ -228,11 +228,11 @@ class Pipeline:
             return frames
         # One read a video: array_record's __getitems__ starts a thread pool every call, which
         # costs more than it saves for the few records of a batch.
-        stored = {video_id: self.data.frames[video_id] for video_id in wanted}
+        stored = {video_id: self.data.video_frames(video_id) for video_id in wanted}
         for row, video_id in enumerate(video_ids):
             if video_id < 0:
                 continue
-            clip = stored[int(video_id)]["frames"]
+            clip = stored[int(video_id)]
             if len(clip) != self.num_frames:  # fewer frames than stored: resample by linspace
                 clip = clip[sample_indices(len(clip), self.num_frames)]
             frames[row] = clip
