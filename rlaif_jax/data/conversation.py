@@ -106,12 +106,13 @@ def tokenize_many_with_offsets(texts: Sequence[str], tokenizer, add_bos: bool = 
     encoded = tokenizer(chunks, add_special_tokens=False, return_offsets_mapping=True) \
         if chunks else {"input_ids": [], "offset_mapping": []}
     encoded_chunks = iter(zip(encoded["input_ids"], encoded["offset_mapping"]))
+    bos = tokenizer.bos_token_id if add_bos else None  # once: transformers' lookup is slow
     results = []
     for parts in split_texts:
         ids: list[int] = []
         offsets: list[tuple[int, int]] = []
-        if add_bos and tokenizer.bos_token_id is not None:
-            ids.append(int(tokenizer.bos_token_id))
+        if bos is not None:
+            ids.append(int(bos))
             offsets.append((0, 0))
         cursor = 0
         for index, chunk in enumerate(parts):
