@@ -7,7 +7,8 @@ Prints one JSON object a line:
   a plain single-threaded decord loop decoding and preprocessing each item's video as it is read
   (`loop_per_item`), the same loop decoding each distinct video once (`loop_per_video`), and the
   pipeline: build (each distinct video decoded once, in threads) plus one read of every item
-  (`pipeline`). Ratios are pipeline / loop.
+  (`pipeline`). Ratios are pipeline / loop. Each is run once untimed, then `--runs` times in
+  turn (load that comes and goes hits all alike); times are medians, `*_all_s` every run.
 - `input_wait`: a jitted stand-in for the tiny model's train step fed by `Pipeline.iterate`
   (prefetching in threads): time blocked waiting for a batch vs time computing.
 """
@@ -31,9 +32,10 @@ def _items(world: str) -> list[dict]:
 
 
 def bench_decode(world: str, work: str, frames: int, size: int, batch_size: int,
-                 max_length: int, workers: int) -> dict:
+                 max_length: int, workers: int, runs: int) -> dict:
     import decord
 
+    from benchmarks.common import alternate, cpu_model
     from rlaif_jax.data import video
     from rlaif_jax.data.build import build
     from rlaif_jax.data.pipeline import Pipeline
@@ -48,41 +50,49 @@ def bench_decode(world: str, work: str, frames: int, size: int, batch_size: int,
         raw = reader.get_batch(list(video.sample_indices(len(reader), frames))).asnumpy()
         return video.preprocess_frames(raw, size)
 
-    started = time.perf_counter()
-    for path in paths:
-        decode(path)
-    loop_per_item = time.perf_counter() - started
-    started = time.perf_counter()
-    for path in distinct:
-        decode(path)
-    loop_per_video = time.perf_counter() - started
-
-    out = os.path.join(work, "data")
     splits = {"short": os.path.join(world, "sft_short.json"),
               "long": os.path.join(world, "sft_long.json")}
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(world, "tokenizer"))
-    started = time.perf_counter()
-    build("instruction", splits, world, out, frames, size, workers=workers, verbose=False)
-    built = time.perf_counter()
-    read_items = 0
-    for split in splits:
-        pipe = Pipeline(out, split, tokenizer, batch_size, max_length, shuffle=False,
-                        workers=workers)
-        for _, batch in pipe.iterate(0, pipe.steps_per_epoch):
-            read_items += int(batch["valid"].sum())
-    finished = time.perf_counter()
-    assert read_items == len(items)
-    pipeline_seconds = finished - started
+    parts = {"build": [], "read": []}
+
+    def pipeline():
+        # A DATA_DIR is built once: each run writes its own (the warm-up's is the one
+        # bench_input_wait reads).
+        run = len(parts["build"])
+        out = os.path.join(work, f"data_{run}" if run else "data")
+        started = time.perf_counter()
+        build("instruction", splits, world, out, frames, size, workers=workers, verbose=False)
+        built = time.perf_counter()
+        read_items = 0
+        for split in splits:
+            pipe = Pipeline(out, split, tokenizer, batch_size, max_length, shuffle=False,
+                            workers=workers)
+            for _, batch in pipe.iterate(0, pipe.steps_per_epoch):
+                read_items += int(batch["valid"].sum())
+        assert read_items == len(items)
+        parts["build"].append(built - started)
+        parts["read"].append(time.perf_counter() - built)
+
+    times = alternate({"loop_per_item": lambda: [decode(p) for p in paths],
+                       "loop_per_video": lambda: [decode(p) for p in distinct],
+                       "pipeline": pipeline}, runs)
+    loop, per_video, ours = (times[k] for k in ("loop_per_item", "loop_per_video", "pipeline"))
+    build_s, read_s = (float(np.median(parts[k][1:])) for k in ("build", "read"))  # [0]: warm-up
     return {
         "benchmark": "decode", "items": len(items), "distinct_videos": len(distinct),
         "frames": frames, "size": size, "workers": workers, "cpus": os.cpu_count(),
-        "loop_per_item_s": round(loop_per_item, 3), "loop_per_video_s": round(loop_per_video, 3),
-        "pipeline_build_s": round(built - started, 3),
-        "pipeline_read_s": round(finished - built, 3),
-        "loop_per_item_videos_per_s": round(len(items) / loop_per_item, 1),
-        "pipeline_videos_per_s": round(len(items) / pipeline_seconds, 1),
-        "ratio_vs_loop_per_item": round(loop_per_item / pipeline_seconds, 2),
-        "ratio_vs_loop_per_video": round(loop_per_video / pipeline_seconds, 2),
+        "cpu_model": cpu_model(), "load_avg_1m": round(os.getloadavg()[0], 2), "runs": runs,
+        "loop_per_item_s": round(loop["wall_s"], 3),
+        "loop_per_video_s": round(per_video["wall_s"], 3),
+        "pipeline_s": round(ours["wall_s"], 3),
+        "pipeline_build_s": round(build_s, 3), "pipeline_read_s": round(read_s, 3),
+        "loop_per_item_videos_per_s": round(len(items) / loop["wall_s"], 1),
+        "pipeline_videos_per_s": round(len(items) / ours["wall_s"], 1),
+        "ratio_vs_loop_per_item": round(loop["wall_s"] / ours["wall_s"], 2),
+        "ratio_vs_loop_per_video": round(per_video["wall_s"] / ours["wall_s"], 2),
+        # Process CPU time (all threads): less sensitive to other processes, blind to threads.
+        "cpu_ratio_vs_loop_per_item": round(loop["cpu_s"] / ours["cpu_s"], 2),
+        "loop_per_item_all_s": loop["wall_all_s"], "pipeline_all_s": ours["wall_all_s"],
     }
 
 
@@ -167,6 +177,7 @@ def main(argv=None) -> None:
     parser.add_argument("--max_length", type=int, default=128)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=5, help="timed runs of each side, in turn")
     args = parser.parse_args(argv)
 
     from rlaif_jax.data.synthetic import generate_world
@@ -176,7 +187,7 @@ def main(argv=None) -> None:
         generate_world(world, num_train=args.num_train, num_eval=4, frames=args.frames,
                        size=args.size, seed=0, progress=False)
         result = bench_decode(world, work, args.frames, args.size, args.batch_size,
-                              args.max_length, args.workers)
+                              args.max_length, args.workers, args.runs)
         print(json.dumps({"source_frames": args.frames, **result}), flush=True)
         print(json.dumps(bench_input_wait(world, work, args.batch_size, args.max_length,
                                           args.steps, args.workers)), flush=True)
@@ -187,7 +198,7 @@ def main(argv=None) -> None:
                            frames=args.long_source_frames, size=args.long_size, seed=0,
                            progress=False)
             result = bench_decode(world, work, args.frames, args.long_size, args.batch_size,
-                                  args.max_length, args.workers)
+                                  args.max_length, args.workers, args.runs)
             print(json.dumps({"source_frames": args.long_source_frames, **result}), flush=True)
 
 

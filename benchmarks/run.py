@@ -36,7 +36,8 @@ BENCHMARKS = {
                    ["--runs", "2", "--layers", "4", "--new", "32", "--cache_variants", ""],
                    (("tokens_per_s_ratio_ours_over_theirs", False),)),
     "data_pipeline": ("benchmarks.data_pipeline", [],
-                      ["--num_train", "64", "--steps", "16", "--long_source_frames", "0"],
+                      ["--num_train", "64", "--steps", "16", "--long_source_frames", "0",
+                       "--runs", "2"],
                       (("ratio_vs_loop_per_item", False), ("ratio_vs_loop_per_video", False),
                        ("wait_fraction", True))),
 }

@@ -106,12 +106,13 @@ def tokenize_many_with_offsets(texts: Sequence[str], tokenizer, add_bos: bool = 
     encoded = tokenizer(chunks, add_special_tokens=False, return_offsets_mapping=True) \
         if chunks else {"input_ids": [], "offset_mapping": []}
     encoded_chunks = iter(zip(encoded["input_ids"], encoded["offset_mapping"]))
+    bos = tokenizer.bos_token_id if add_bos else None  # once: transformers' lookup is slow
     results = []
     for parts in split_texts:
         ids: list[int] = []
         offsets: list[tuple[int, int]] = []
-        if add_bos and tokenizer.bos_token_id is not None:
-            ids.append(int(tokenizer.bos_token_id))
+        if bos is not None:
+            ids.append(int(bos))
             offsets.append((0, 0))
         cursor = 0
         for index, chunk in enumerate(parts):
@@ -133,32 +134,16 @@ def tokenize_with_offsets(text: str, tokenizer, add_bos: bool = True
     return tokenize_many_with_offsets([text], tokenizer, add_bos)[0]
 
 
-def token_counts(texts: Sequence[str], tokenizer, add_bos: bool = True) -> list[int]:
-    """len(tokenize_with_offsets(text)[0]) of each text ("" counts 0), in one batched call."""
-    chunks, owners = [], []
-    counts = []
-    for position, text in enumerate(texts):
-        parts = text.split(prompts.IMAGE_TOKEN) if text else []
-        bos = int(add_bos and tokenizer.bos_token_id is not None and bool(text))
-        counts.append(bos + max(0, len(parts) - 1))
-        for part in parts:
-            if part:
-                chunks.append(part)
-                owners.append(position)
-    if chunks:
-        encoded = tokenizer(chunks, add_special_tokens=False)["input_ids"]
-        for owner, ids in zip(owners, encoded):
-            counts[owner] += len(ids)
-    return counts
-
-
-def _truncate(ids: np.ndarray, labels: np.ndarray, max_length: int | None, image_id: int):
+def truncate(tokenized: Tokenized, max_length: int | None, image_id: int) -> Tokenized:
+    """Cuts training tokens at the end to max_length; raises PlaceholderWouldBeCut rather than
+    cut a placeholder."""
+    ids, labels = tokenized.input_ids, tokenized.labels
     if max_length is None or len(ids) <= max_length:
-        return ids, labels, False
+        return tokenized
     if np.any(ids[max_length:] == image_id):
         raise PlaceholderWouldBeCut(
             f"the <image> placeholder lies past max_length={max_length}")
-    return ids[:max_length], labels[:max_length], True
+    return Tokenized(ids[:max_length], labels[:max_length], True)
 
 
 def tokenize_conversation(turns: Sequence[dict], tokenizer, max_length: int | None = None,
@@ -178,18 +163,22 @@ def tokenize_conversations(conversations: Sequence[Sequence[dict]], tokenizer,
     rendered = [render(turns, open_last=open_last) for turns in conversations]
     tokenized = tokenize_many_with_offsets([text for text, _ in rendered], tokenizer)
     image_id = image_token_id(tokenizer)
-    results = []
+    rows = []
     for (_, spans), (ids, offsets) in zip(rendered, tokenized):
         ids_array = np.asarray(ids, np.int32)
         labels = np.full(len(ids), IGNORE_INDEX, np.int32)
-        if train_on_answers:
-            for position, (start, end) in enumerate(offsets):
-                if end > start and any(start < b and end > a for a, b in spans):
-                    labels[position] = ids[position]
+        if train_on_answers and spans and len(ids):
+            # A token is trained on when its (non-empty) character span overlaps an answer's.
+            bounds = np.asarray(offsets, np.int64).reshape(-1, 2)  # [tokens, (start, end)]
+            answers = np.asarray(spans, np.int64)  # [answers, (start, end)]
+            overlaps = (bounds[:, :1] < answers[:, 1]) & (bounds[:, 1:] > answers[:, 0])
+            trained = (bounds[:, 1] > bounds[:, 0]) & overlaps.any(axis=1)
+            labels[trained] = ids_array[trained]
         labels[ids_array == image_id] = IGNORE_INDEX
-        check_ids_in_vocabulary(ids_array, tokenizer)
-        results.append(Tokenized(*_truncate(ids_array, labels, max_length, image_id)))
-    return results
+        rows.append(Tokenized(ids_array, labels))
+    if rows:  # one check for all rows: it looks the vocabulary up each call
+        check_ids_in_vocabulary(np.concatenate([row.input_ids for row in rows]), tokenizer)
+    return [truncate(row, max_length, image_id) for row in rows]
 
 
 def first_human_turn(turns: Sequence[dict]) -> dict:
@@ -201,12 +190,19 @@ def first_human_turn(turns: Sequence[dict]) -> dict:
 
 def tokenize_prompt(question_turn: dict | str, tokenizer) -> np.ndarray:
     """A generation prompt: system, the one human turn, then "ASSISTANT:" (no truncation)."""
-    if isinstance(question_turn, str):
-        question_turn = {"from": "human", "value": question_turn}
-    text, _ = render([question_turn, {"from": "gpt", "value": None}])
-    ids = np.asarray(tokenize_with_offsets(text, tokenizer)[0], np.int32)
-    check_ids_in_vocabulary(ids, tokenizer)
-    return ids
+    return tokenize_prompts([question_turn], tokenizer)[0]
+
+
+def tokenize_prompts(question_turns: Sequence[dict | str], tokenizer) -> list[np.ndarray]:
+    """tokenize_prompt of many turns, with one batched tokenizer call."""
+    texts = [render([{"from": "human", "value": turn} if isinstance(turn, str) else turn,
+                     {"from": "gpt", "value": None}])[0] for turn in question_turns]
+    results = []
+    for ids, _ in tokenize_many_with_offsets(texts, tokenizer):
+        ids_array = np.asarray(ids, np.int32)
+        check_ids_in_vocabulary(ids_array, tokenizer)
+        results.append(ids_array)
+    return results
 
 
 def reward_model_turns(question_turn: dict, response: str) -> list[dict]:

@@ -27,14 +27,41 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from rlaif_jax.data import conversation, prompts
+from rlaif_jax.data import conversation
 from rlaif_jax.data.built import BuiltData, decode_record
 from rlaif_jax.data.video import sample_indices
 from rlaif_jax.parallel.sharding import global_batch
 
+# A split's token rows stay in memory (a batch is then a lookup, not a re-read and re-tokenising
+# of its items every epoch) while they take at most this many bytes; a larger split tokenises
+# each batch's items as it is made. A row's Python objects count ROW_OVERHEAD_BYTES beside its
+# token arrays.
+TOKEN_CACHE_BYTES = 512 * 2**20
+ROW_OVERHEAD_BYTES = 512
+# Items tokenised in one batched tokenizer call while a split is opened (bounds the memory of
+# rows that are not kept).
+TOKENIZE_CHUNK = 4096
+
 
 def _turns(record: dict) -> list[dict]:
     return [{"from": r, "value": v} for r, v in zip(record["roles"], record["values"])]
+
+
+def _or_too_long(make):
+    """make(), or the TooLong it raised: an item that does not fit is skipped, not fatal."""
+    try:
+        return make()
+    except conversation.TooLong as error:
+        return error
+
+
+def _array_bytes(row) -> int:
+    """Bytes of a token row's arrays (a Tokenized, an array, or a tuple of them)."""
+    if isinstance(row, np.ndarray):
+        return row.nbytes
+    if isinstance(row, conversation.Tokenized):
+        row = (row.input_ids, row.labels)
+    return sum(_array_bytes(part) for part in row)
 
 
 def _pad(rows: Sequence[np.ndarray], length: int, value: int, left: bool) -> np.ndarray:
@@ -53,7 +80,8 @@ class Pipeline:
     def __init__(self, data_dir: str, split: str, tokenizer, batch_size: int, max_length: int,
                  seed: int = 0, *, shuffle: bool = True, num_frames: int | None = None,
                  process_index: int | None = None, process_count: int | None = None,
-                 qa_question: str = "question", prefetch: int = 2, workers: int = 2):
+                 qa_question: str = "question", prefetch: int = 2, workers: int = 2,
+                 token_cache_bytes: int = TOKEN_CACHE_BYTES):
         self.data = BuiltData(data_dir)
         self.kind = self.data.kind
         self.split = split
@@ -72,6 +100,7 @@ class Pipeline:
             raise ValueError("qa_question must be 'question' or 'question_2'")
         self.qa_question = qa_question
         self.prefetch, self.workers = prefetch, workers
+        self.token_cache_bytes = token_cache_bytes
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._items = self.data.items(split)
         self.skipped: collections.Counter = collections.Counter()
@@ -86,37 +115,33 @@ class Pipeline:
         """Record indices of items that fit max_length; the others are dropped and counted
         (prompts longer than max_length, an `<image>` that truncation would cut).
 
-        Only the part that must fit is measured (a prompt; the text up to the placeholder), with
-        one batched tokenizer call, so that opening a large split stays quick.
+        Every item is tokenised here, in batched tokenizer calls; the rows are kept
+        (`self._token_rows`, by record index) while they fit in `token_cache_bytes`. The
+        records' video ids (and preferences) are kept whatever the size: a batch then reads
+        no record when its rows are kept.
         """
-        records = [decode_record(r) for r in self._items.__getitems__(range(len(self._items)))]
+        records = self.data.item_records(self.split)
+        self._video_ids = np.array([int(r["video"]) for r in records], np.int64)
+        if self.kind == "preference":
+            self._preferences = np.array([int(r.get("preference", 1)) for r in records],
+                                         np.int32)
         self.num_truncated = 0  # instruction items kept but cut at the end
-        if self.kind == "preference":  # rare and per item: the evaluation prompt must fit
-            usable = []
-            for index, record in enumerate(records):
-                try:
-                    self._tokenize(record)
-                    usable.append(index)
-                except conversation.TooLong as error:
-                    self.skipped[type(error).__name__] += 1
-            return np.asarray(usable, np.int64)
-        if self.kind == "instruction":
-            texts = [conversation.render(_turns(r))[0] for r in records]
-            must_fit = [t.split(prompts.IMAGE_TOKEN)[0] + prompts.IMAGE_TOKEN
-                        if prompts.IMAGE_TOKEN in t else "" for t in texts]
-            reason = "PlaceholderWouldBeCut"
-        else:
-            must_fit = [conversation.render([self._prompt_turn(r), {"from": "gpt", "value": None}])[0]
-                        for r in records]
-            reason = "TooLong"
-        lengths = conversation.token_counts(must_fit, self.tokenizer)
-        fits = np.asarray(lengths) <= self.max_length
-        if self.kind == "instruction":
-            full = np.asarray(conversation.token_counts(texts, self.tokenizer))
-            self.num_truncated = int(((full > self.max_length) & fits).sum())
-        self.skipped[reason] += int((~fits).sum())
-        self.skipped += collections.Counter()  # drops a zero count
-        return np.flatnonzero(fits).astype(np.int64)
+        usable, kept, size = [], [None] * len(records), 0
+        for start in range(0, len(records), TOKENIZE_CHUNK):
+            rows = self._tokenize(records[start:start + TOKENIZE_CHUNK])
+            for index, row in enumerate(rows, start):
+                if isinstance(row, conversation.TooLong):
+                    self.skipped[type(row).__name__] += 1
+                    continue
+                usable.append(index)
+                self.num_truncated += int(getattr(row, "truncated", False))
+                if kept is not None:
+                    kept[index] = row
+                    size += ROW_OVERHEAD_BYTES + _array_bytes(row)
+                    if size > self.token_cache_bytes:
+                        kept = None
+        self._token_rows = kept
+        return np.asarray(usable, np.int64)
 
     @property
     def num_examples(self) -> int:
@@ -162,23 +187,38 @@ class Pipeline:
             return conversation.video_question(record[self.qa_question])
         return conversation.first_human_turn(_turns(record))
 
-    def _tokenize(self, record: dict):
-        """Tokens of one record: a Tokenized (instruction), the prompt's ids (prompt, qa), or the
-        two reward-model rows (preference), each (ids, response mask)."""
+    def _tokenize(self, records: Sequence[dict]) -> list:
+        """Tokens of each record, or the TooLong that keeps it out: a Tokenized (instruction),
+        the prompt's ids (prompt, qa), or the two reward-model rows (preference), each
+        (ids, response mask)."""
+        L = self.max_length
         if self.kind == "instruction":
-            return conversation.tokenize_conversation(_turns(record), self.tokenizer,
-                                                      self.max_length)
+            image_id = conversation.image_token_id(self.tokenizer)
+            full = conversation.tokenize_conversations([_turns(r) for r in records],
+                                                       self.tokenizer)
+            return [_or_too_long(functools.partial(conversation.truncate, row, L, image_id))
+                    for row in full]
         if self.kind in ("prompt", "qa"):
-            ids = conversation.tokenize_prompt(self._prompt_turn(record), self.tokenizer)
-            if len(ids) > self.max_length:
-                raise conversation.TooLong("prompt longer than max_length")
-            return ids
+            prompts_ids = conversation.tokenize_prompts(
+                [self._prompt_turn(r) for r in records], self.tokenizer)
+            return [ids if len(ids) <= L else conversation.TooLong("prompt longer than max_length")
+                    for ids in prompts_ids]
         if self.kind == "preference":
-            question = conversation.first_human_turn(_turns(record))
-            return tuple(conversation.reward_model_row(
-                question, record[key], self.tokenizer, self.max_length)
-                for key in ("output_1", "output_2"))
+            return [_or_too_long(functools.partial(self._reward_model_rows, r)) for r in records]
         raise ValueError(f"unknown kind {self.kind!r}")
+
+    def _reward_model_rows(self, record: dict) -> tuple:
+        """((ids, response mask) of output_1, (ids, response mask) of output_2)."""
+        question = conversation.first_human_turn(_turns(record))
+        return tuple(conversation.reward_model_row(
+            question, record[key], self.tokenizer, self.max_length)
+            for key in ("output_1", "output_2"))
+
+    def _rows(self, indices: np.ndarray) -> list:
+        """Token rows of usable records: kept ones, else tokenised now."""
+        if self._token_rows is not None:
+            return [self._token_rows[i] for i in indices]
+        return self._tokenize([self.record(i) for i in indices])
 
     def record(self, index: int) -> dict:
         """The stored item (texts as str): eval looks answers up by a batch's `index`."""
@@ -189,11 +229,13 @@ class Pipeline:
         wanted = sorted({int(v) for v in video_ids if v >= 0})
         if not wanted:
             return frames
-        stored = dict(zip(wanted, self.data.frames.__getitems__(wanted)))
+        # One read a video: array_record's __getitems__ starts a thread pool every call, which
+        # costs more than it saves for the few records of a batch.
+        stored = {video_id: self.data.video_frames(video_id) for video_id in wanted}
         for row, video_id in enumerate(video_ids):
             if video_id < 0:
                 continue
-            clip = stored[int(video_id)]["frames"]
+            clip = stored[int(video_id)]
             if len(clip) != self.num_frames:  # fewer frames than stored: resample by linspace
                 clip = clip[sample_indices(len(clip), self.num_frames)]
             frames[row] = clip
@@ -203,35 +245,27 @@ class Pipeline:
         """This process's rows of batch `step`, as numpy arrays of static shapes."""
         indices = self.local_indices(step)
         valid = indices >= 0
-        records = [decode_record(r) for r in self._items.__getitems__(
-            [int(i) for i in indices[valid]])]
-        filler = {"video": -1}
-        rows_records = iter(records)
-        records = [next(rows_records) if ok else filler for ok in valid]
-        video_ids = np.array([int(r["video"]) for r in records], np.int64)
+        video_ids = np.where(valid, self._video_ids[np.maximum(indices, 0)], -1)
+        tokens = iter(self._rows(indices[valid]))
         batch = {"frames": self._frames(video_ids), "has_video": video_ids >= 0,
                  "index": indices.astype(np.int32), "valid": valid}
         L, pad = self.max_length, self.pad_id
         ignore = conversation.IGNORE_INDEX
         if self.kind == "instruction":
             empty = conversation.Tokenized(np.zeros(0, np.int32), np.zeros(0, np.int32))
-            tokenized = iter(conversation.tokenize_conversations(
-                [_turns(r) for r, ok in zip(records, valid) if ok], self.tokenizer,
-                self.max_length))
-            rows = [next(tokenized) if ok else empty for ok in valid]
+            rows = [next(tokens) if ok else empty for ok in valid]
             batch["input_ids"] = _pad([r.input_ids for r in rows], L, pad, left=False)
             batch["labels"] = _pad([r.labels for r in rows], L, ignore, left=False)
             batch["attention_mask"] = _pad([np.ones_like(r.input_ids) for r in rows], L, 0,
                                            left=False)
         elif self.kind in ("prompt", "qa"):
-            rows = [self._tokenize(r) if ok else np.zeros(0, np.int32)
-                    for r, ok in zip(records, valid)]
+            rows = [next(tokens) if ok else np.zeros(0, np.int32) for ok in valid]
             batch["input_ids"] = _pad(rows, L, pad, left=True)
             batch["attention_mask"] = _pad([np.ones_like(r) for r in rows], L, 0, left=True)
             batch["labels"] = np.full((len(rows), L), ignore, np.int32)
         else:  # preference
             empty = (np.zeros(0, np.int32), np.zeros(0, np.int32))
-            pairs = [self._tokenize(r) if ok else (empty, empty) for r, ok in zip(records, valid)]
+            pairs = [next(tokens) if ok else (empty, empty) for ok in valid]
 
             def stacked(part, fill, of=lambda x: x):  # [B, 2, L] of candidate k's part
                 return np.stack([_pad([of(p[k][part]) for p in pairs], L, fill, left=False)
@@ -240,8 +274,8 @@ class Pipeline:
             batch["input_ids"] = stacked(0, pad)
             batch["attention_mask"] = stacked(0, 0, np.ones_like)
             batch["response_mask"] = stacked(1, 0)
-            batch["preference"] = np.array([int(r.get("preference", 1)) for r in records],
-                                           np.int32)
+            batch["preference"] = np.where(valid, self._preferences[np.maximum(indices, 0)], 1
+                                           ).astype(np.int32)
         return batch
 
     # ------------------------------------------------------------------ device arrays, iteration

@@ -7,7 +7,7 @@ import numpy as np
 from tests.support import MIXED_SKIPS, write_mixed_items
 from rlaif_jax.data import build as build_module
 from rlaif_jax.data import video
-from rlaif_jax.data.built import BuiltData
+from rlaif_jax.data.built import BuiltData, decode_record
 
 
 def _count(world_dir, name):
@@ -44,6 +44,25 @@ def test_frames_are_stored_once_per_video_and_match_decoding(world_dir, instruct
     source = stored["source"].decode()
     np.testing.assert_array_equal(stored["frames"], video.load_frames(source, 8, 64))
     assert source.endswith(".mp4") and stored["ok"]
+
+
+def test_records_read_from_raw_examples_equal_tfds_decoding(
+        instruction_data, preference_data, prompt_data, qa_data, mixed_data):  # noqa: F811
+    """item_records / video_frames skip tfds's per-feature decoding and give the same values,
+    of the same types (mixed_data has failed videos: zero frames)."""
+    def typed(record):
+        return {key: (type(value), value) for key, value in record.items()}
+
+    for data_dir in (instruction_data, preference_data, prompt_data, qa_data, mixed_data):
+        built = BuiltData(data_dir)
+        for split in built.splits:
+            items = built.items(split)
+            assert [typed(r) for r in built.item_records(split)] == [
+                typed(decode_record(items[i])) for i in range(len(items))]
+        for video_id in range(len(built.frames)):
+            stored, fast = built.frames[video_id]["frames"], built.video_frames(video_id)
+            assert (fast.dtype, fast.shape) == (stored.dtype, stored.shape)
+            np.testing.assert_array_equal(fast, stored)
 
 
 def test_bad_items_are_skipped_and_counted_good_ones_kept(mixed_data):  # noqa: F811

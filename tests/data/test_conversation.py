@@ -117,8 +117,3 @@ def test_generation_prompt_and_reward_model_rows(tokenizer):
     assert mask_full.sum() - conversation.reward_model_row(
         question, long_response, tokenizer, limit)[1].sum() == 15
 
-
-def test_token_counts_match_tokenisation(tokenizer):
-    texts = [conversation.render(TURNS)[0], "no placeholder here", "", "<image>", "a<image>b<image>"]
-    expected = [len(conversation.tokenize_with_offsets(t, tokenizer)[0]) if t else 0 for t in texts]
-    assert conversation.token_counts(texts, tokenizer) == expected

@@ -209,3 +209,23 @@ def test_fewer_frames_than_stored_are_resampled(instruction_data, world_tokenize
     assert batch["frames"].shape == (2, 3, 64, 64, 3)
     stored = pipe.data.frames[int(pipe.record(batch["index"][0])["video"])]["frames"]
     np.testing.assert_array_equal(batch["frames"][0], stored[sample_indices(8, 3)])
+
+
+def test_kept_token_rows_give_the_batches_of_tokenising_each_batch(
+        instruction_data, prompt_data, preference_data, world_tokenizer):  # noqa: F811
+    """A split's token rows are kept when it is opened; with no room for them each batch
+    tokenises its own items: both give the same batches, skip counts and truncations."""
+    for data, split, length in ((instruction_data, "long", 40), (instruction_data, "short", 96),
+                                (prompt_data, "train", 60), (preference_data, "train", 120)):
+        kept = Pipeline(data, split, world_tokenizer, batch_size=4, max_length=length, seed=1)
+        fresh = Pipeline(data, split, world_tokenizer, batch_size=4, max_length=length, seed=1,
+                         token_cache_bytes=0)
+        assert kept._token_rows is not None and fresh._token_rows is None
+        assert (kept.num_examples, kept.skipped, kept.num_truncated) == (
+            fresh.num_examples, fresh.skipped, fresh.num_truncated)
+        for step in range(kept.steps_per_epoch + 1):  # into the next epoch
+            ours, theirs = kept.batch(step), fresh.batch(step)
+            assert ours.keys() == theirs.keys()
+            for key in ours:
+                assert ours[key].dtype == theirs[key].dtype, key
+                np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
