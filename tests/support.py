@@ -9,6 +9,7 @@ file, so every test module that uses them shares one copy.
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -466,6 +467,17 @@ def run_module(module: str, args: list[str], devices: int = 8, timeout: int = 60
     return subprocess.run([sys.executable, "-m", module] + args, cwd=ROOT,
                           env=launch_env(devices), capture_output=True, text=True,
                           timeout=timeout)
+
+
+def run_probe(module: str, workdir: str, out_dir) -> tuple[subprocess.CompletedProcess, dict,
+                                                            dict]:
+    """(process, its --json result, the world's truths) of a probe command (`python -m module
+    WORKDIR/sft`, batch 8) on a workdir's SFT model; the result is {} when it failed."""
+    out = os.path.join(str(out_dir), "probe.json")
+    proc = run_module(module, [os.path.join(workdir, "sft"), "--batch_size", "8", "--json", out])
+    result = json.load(open(out)) if proc.returncode == 0 else {}
+    truths = json.load(open(os.path.join(workdir, "data", "world", "truth.json")))
+    return proc, result, truths
 
 
 def hand_made_truth(objects: list[dict], name: str = "eval_00000", num_frames: int = 8) -> dict:

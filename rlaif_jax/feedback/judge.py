@@ -39,6 +39,7 @@ import numpy as np
 
 from rlaif_jax.data import conversation, prompts
 from rlaif_jax.data.video import clip_frames
+from rlaif_jax.models.heads import mean_token_logprob
 from rlaif_jax.models.llama import Llama
 from rlaif_jax.models.video_llm import is_video_model
 from rlaif_jax.parallel import sharding as su
@@ -138,10 +139,7 @@ def _answer_mean_logprobs(model, variables, input_ids, attention_mask, video_tok
                              video_tokens=video_tokens).logits
     else:
         logits = model.apply(variables, input_ids=input_ids, attention_mask=attention_mask).logits
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    chosen = jnp.take_along_axis(logp, input_ids[:, 1:, None], axis=-1)[..., 0]
-    weight = label_mask[:, 1:].astype(jnp.float32)
-    return (chosen * weight).sum(-1) / jnp.maximum(weight.sum(-1), 1.0)
+    return mean_token_logprob(logits, input_ids, label_mask)
 
 
 _answer_mean_logprobs_jit = jax.jit(_answer_mean_logprobs, static_argnames=("model",))

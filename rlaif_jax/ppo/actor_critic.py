@@ -25,10 +25,9 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from rlaif_jax.models.heads import RewardHead, ValueHead
+from rlaif_jax.models.heads import RewardHead, ValueHead, mean_token_logprob
 from rlaif_jax.models.llama import Llama
 from rlaif_jax.ppo.rl_math import token_entropy
-from rlaif_jax.rm.model import response_mean_logprob
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +165,7 @@ class ActorCritic:
         span = slice(prompt_slots - 1, prompt_slots + batch["response"].shape[1])
         logits = self.critic.apply(variables, hidden[:, span], method="logits")
         response_mask = jnp.pad(batch["mask"], ((0, 0), (1, 0)))
-        return score + self.rm_likelihood_weight * response_mean_logprob(
+        return score + self.rm_likelihood_weight * mean_token_logprob(
             logits, ids[:, span], response_mask)
 
 

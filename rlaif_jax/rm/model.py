@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlaif_jax.data import conversation
+from rlaif_jax.models.heads import mean_token_logprob
 
 CENTER_COEF = 1e-3
 
@@ -70,20 +71,8 @@ def reward_scores(model: Any, variables: Any, batch: Mapping[str, jax.Array],
         return out.reward
     if "response_mask" not in batch:
         raise ValueError("an RM with a likelihood term needs the rows' response_mask")
-    return out.reward + likelihood_weight * response_mean_logprob(
+    return out.reward + likelihood_weight * mean_token_logprob(
         out.logits, batch["input_ids"], batch["response_mask"])
-
-
-def response_mean_logprob(logits: jax.Array, input_ids: jax.Array,
-                          response_mask: jax.Array) -> jax.Array:
-    """Mean log-probability per token [B] of each row's tokens under `response_mask` [B, L],
-    each predicted from the position before it (logits [B, L, V] at the text positions)."""
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    chosen = jnp.take_along_axis(logp, input_ids[:, 1:, None], axis=-1)[..., 0]
-    mask = response_mask[:, 1:].astype(bool)
-    # where, not a product: a pad position's logits need not be finite.
-    total = jnp.sum(jnp.where(mask, chosen, 0.0), axis=-1)
-    return total / jnp.maximum(jnp.sum(mask, axis=-1), 1).astype(jnp.float32)
 
 
 def preference_loss_sums(rewards: jax.Array, preference: jax.Array,

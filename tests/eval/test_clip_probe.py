@@ -1,13 +1,11 @@
 """The whole-video vs clip probe (rlaif_jax/eval/clip_probe.py): grading on a hand-made video,
 and the command end to end on the smoke SFT model."""
 
-import json
-import os
 
 import pytest
 
 from rlaif_jax.eval import clip_probe
-from tests.support import hand_made_truth, run_module
+from tests.support import hand_made_truth, run_probe
 
 
 def _truth():
@@ -66,13 +64,9 @@ def test_an_answer_naming_two_colours_is_wrong():
 
 @pytest.mark.slow
 def test_probe_command_runs_on_the_smoke_model(smoke_workdir, tmp_path):
-    out = tmp_path / "probe.json"
-    proc = run_module("rlaif_jax.eval.clip_probe", [os.path.join(smoke_workdir, "sft"),
-                                                     "--batch_size", "8", "--json", str(out)])
+    proc, result, truths = run_probe("rlaif_jax.eval.clip_probe", smoke_workdir, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "8 frames, 3 clips" in proc.stdout and "| colour_start |" in proc.stdout
-    result = json.loads(out.read_text())
-    truths = json.load(open(os.path.join(smoke_workdir, "data", "world", "truth.json")))
     shapes = sum(len(t["objects"]) for name, t in truths.items() if name.startswith("eval_"))
     assert sum(r["n"] for r in result["rows"] if r["type"] == "colour_start") == shapes
     assert all(0.0 <= r["whole"] <= 1.0 and 0.0 <= r["clip"] <= 1.0 for r in result["rows"])

@@ -1,8 +1,6 @@
 """The context-reading probe (rlaif_jax/eval/context_probe.py) on a hand-made video with a
 model that always reads the last clip's answer when given a context."""
 
-import json
-import os
 
 import numpy as np
 import pytest
@@ -10,7 +8,7 @@ import pytest
 from rlaif_jax.data import prompts
 from rlaif_jax.data.synthetic import text, world
 from rlaif_jax.eval import context_probe
-from tests.support import hand_made_truth, run_module
+from tests.support import hand_made_truth, run_probe
 
 
 def _truths():
@@ -57,13 +55,9 @@ def test_probe_grades_each_context_mode():
 
 @pytest.mark.slow
 def test_probe_command_runs_on_the_smoke_model(smoke_workdir, tmp_path):
-    out = tmp_path / "probe.json"
-    proc = run_module("rlaif_jax.eval.context_probe", [os.path.join(smoke_workdir, "sft"),
-                                                        "--batch_size", "8", "--json", str(out)])
+    proc, result, truths = run_probe("rlaif_jax.eval.context_probe", smoke_workdir, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| all |" in proc.stdout
-    result = json.loads(out.read_text())
-    truths = json.load(open(os.path.join(smoke_workdir, "data", "world", "truth.json")))
     asked = sum(len(context_probe.probed_specs(t)) for name, t in truths.items()
                 if name.startswith("eval_"))
     rows = {r["type"]: r for r in result["rows"]}
