@@ -255,19 +255,28 @@ def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
     return jnp.where(logits < threshold, -jnp.inf, logits)
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+    """`jnp.argmax(x, axis=-1)` (the first maximum; the first NaN where a row has one) as two
+    plain reductions: XLA:CPU runs argmax's (value, index) reduce 4-5x slower than a max and a
+    min (0.6 against 0.17 ms on [8, 32000], 4.5 against 1.0 ms on [64, 32000])."""
+    top = jnp.max(x, axis=-1, keepdims=True)
+    index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    hit = (x == top) | jnp.isnan(x)
+    return jnp.min(jnp.where(hit, index, x.shape[-1]), axis=-1)
+
+
 def select_tokens(logits: jax.Array, key: jax.Array, sampling: SamplingConfig):
     """(tokens [R] int32, log-probs [R] float32) from logits [R, V]."""
-    logits = logits.astype(jnp.float32)
+    scaled = logits.astype(jnp.float32)
     if sampling.greedy:
-        tokens = jnp.argmax(logits, axis=-1)
-        logprobs = jax.nn.log_softmax(logits, axis=-1)
+        tokens = first_argmax(scaled)
     else:
-        scaled = logits / sampling.temperature
-        logprobs = jax.nn.log_softmax(scaled, axis=-1)
+        scaled = scaled / sampling.temperature
         candidates = top_p_filter(top_k_filter(scaled, sampling.top_k), sampling.top_p)
         tokens = jax.random.categorical(key, candidates, axis=-1)
-    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-    return tokens.astype(jnp.int32), chosen
+    # The chosen token's log_softmax alone: no [R, V] array of log-probs is written.
+    picked = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0]
+    return tokens.astype(jnp.int32), picked - jax.nn.logsumexp(scaled, axis=-1)
 
 
 # ---------------------------------------------------------------------------------------------

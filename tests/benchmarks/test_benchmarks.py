@@ -81,3 +81,23 @@ def test_decode_step_tool_reports_its_floors_on_cpu():
     per_layer = 64 * (64 + 2 * 32 + 64) + 3 * 64 * 96  # q, k, v (2 kv heads), o; gate, up, down
     assert matmuls["weights"] == 4 * (2 * per_layer + 64 * 128)  # float32, + the LM head
     assert matmuls["charged"] >= matmuls["weights"]
+
+
+def test_each_benchmark_runs_with_its_xla_flags_unless_set(monkeypatch):
+    seen = {}
+
+    class Done:
+        returncode, stdout, stderr = 0, "", ""
+
+    def fake_run(command, env, **kwargs):
+        seen[command[2]] = env["XLA_FLAGS"]
+        return Done()
+
+    monkeypatch.setattr(run.subprocess, "run", fake_run)
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    for name in ("sft_train_step", "generation"):
+        run.run_one(name, quick=True, profile=False, timeout=5)
+    assert seen == {"benchmarks.train_step": run.CPU_XLA_FLAGS, "benchmarks.generation": ""}
+    monkeypatch.setenv("XLA_FLAGS", "--mine")
+    run.run_one("generation", quick=True, profile=False, timeout=5)
+    assert seen["benchmarks.generation"] == "--mine"

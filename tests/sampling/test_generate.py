@@ -12,9 +12,9 @@ from jax.sharding import PartitionSpec
 
 from rlaif_jax.parallel import sharding as su
 from rlaif_jax.parallel.mesh import make_mesh
-from rlaif_jax.sampling.generate import (SamplingConfig, TextDecoder, _generate_jit, generate,
-                                        left_pad_to, select_tokens, sequence_logprobs,
-                                        top_k_filter, top_p_filter)
+from rlaif_jax.sampling.generate import (SamplingConfig, TextDecoder, _generate_jit,
+                                        first_argmax, generate, left_pad_to, select_tokens,
+                                        sequence_logprobs, top_k_filter, top_p_filter)
 from tests.support import left_padded_batch, save_tiny_hf_llama
 
 VOCAB = 97
@@ -154,6 +154,29 @@ def test_filters_match_numpy():
     tokens, _ = select_tokens(jnp.asarray(logits), jax.random.PRNGKey(0),
                               SamplingConfig(temperature=1.0, top_p=1e-6))
     np.testing.assert_array_equal(tokens, logits.argmax(-1))
+
+
+def test_first_argmax_is_numpys_argmax():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(6, 50)).astype(np.float32)
+    logits[1, [3, 7, 40]] = 9.0  # a tie: the first maximum wins
+    logits[2, :] = -np.inf  # no finite logit: index 0, as numpy says
+    logits[3, [5, 9]] = np.nan  # a NaN: the first NaN, as numpy says
+    logits[4, 49] = np.inf
+    logits[5] = np.round(logits[5])  # many ties
+    np.testing.assert_array_equal(np.asarray(first_argmax(jnp.asarray(logits))),
+                                  logits.argmax(-1))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_selected_logprobs_are_log_softmax_of_the_token(temperature):
+    logits = np.random.default_rng(2).normal(size=(5, 40)).astype(np.float32) * 4
+    sampling = SamplingConfig(temperature=temperature)
+    tokens, logprobs = select_tokens(jnp.asarray(logits), jax.random.PRNGKey(3), sampling)
+    if temperature == 0.0:
+        np.testing.assert_array_equal(tokens, logits.argmax(-1))
+    scaled = torch.log_softmax(torch.as_tensor(logits) / (temperature or 1.0), -1).numpy()
+    np.testing.assert_allclose(logprobs, scaled[np.arange(5), np.asarray(tokens)], atol=1e-5)
 
 
 class CountingDecoder(TextDecoder):
