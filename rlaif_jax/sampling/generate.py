@@ -72,6 +72,14 @@ class SamplingConfig:
     # slice out of the stacked buffers every step and runs the decode attention in several
     # elementwise passes; the TPU compiler reads them in place, and a scan compiles faster.
     unroll_decode_layers: Optional[bool] = None
+    # The decode loop as this many loops, each attending over a cache just long enough for its
+    # own steps (the cache grows by one padded copy between them), so early steps do not read
+    # slots that later steps will write. Each loop is compiled on its own. None: on CPU, 4 when
+    # the whole decode cache holds at least AUTO_PHASES_CACHE_BYTES (there a step reads the
+    # cache at the memory's speed: batch 64 of docs/benchmarks.md's LLaMA, 535 MB, 4.9% faster
+    # for 1.5 s more compile; batch 8, 67 MB, 3% for 1.9 s), else 1; 1 off CPU, where the
+    # decode plans of benchmarks/decode_step.py assume one buffer.
+    decode_phases: Optional[int] = None
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -86,6 +94,8 @@ class SamplingConfig:
             raise ValueError(f"num_samples={self.num_samples}: must be >= 1")
         if self.prompt_bucket < 1:
             raise ValueError(f"prompt_bucket={self.prompt_bucket}: must be >= 1")
+        if self.decode_phases is not None and self.decode_phases < 1:
+            raise ValueError(f"decode_phases={self.decode_phases}: must be >= 1 (or None)")
         if self.cache_dtype and self.cache_dtype not in CACHE_DTYPES:
             raise ValueError(f"cache_dtype={self.cache_dtype!r}: expected '' (the compute dtype) "
                              f"or one of {sorted(CACHE_DTYPES)}")
@@ -324,6 +334,39 @@ def _constrain_cache(cache: dict, mesh, rules) -> dict:
     return {name: constrain(buffer, su.CACHE_AXES) for name, buffer in cache.items()}
 
 
+AUTO_PHASES_CACHE_BYTES = 256 * 2 ** 20
+
+
+def auto_decode_phases(cache: dict, slots: int, platform: str) -> int:
+    """SamplingConfig.decode_phases=None: how many decode loops, from the cache's bytes once
+    grown to `slots` (its buffers hold slots on axis 2)."""
+    if platform != "cpu":
+        return 1
+    total = sum(leaf.size // leaf.shape[2] * slots * leaf.dtype.itemsize
+                for leaf in jax.tree.leaves(cache))
+    return 4 if total >= AUTO_PHASES_CACHE_BYTES else 1
+
+
+def decode_phase_ends(new: int, phases: int) -> list[int]:
+    """The step each decode loop stops before: steps 1 .. new - 1 (step 0's token comes from
+    the prefill) split into `phases` runs of near-equal length, the last ending at `new`."""
+    steps = new - 1
+    ends = [1 + -(-steps * (k + 1) // phases) for k in range(phases)]
+    return sorted(set(ends))
+
+
+def grow_cache(cache: dict, slots: int) -> dict:
+    """The cache with its slots (axis 2 of a stacked or a per-layer buffer) padded to `slots`:
+    zeros, masked out until a step writes them."""
+    def grow(buffer):
+        extra = slots - buffer.shape[2]
+        if extra == 0:
+            return buffer
+        return jnp.pad(buffer, ((0, 0), (0, 0), (0, extra)) + ((0, 0),) * (buffer.ndim - 3))
+
+    return jax.tree.map(grow, cache)
+
+
 def _generate_core(decoder, variables, input_ids, attention_mask, video_tokens, has_video, rng,
                    sampling: SamplingConfig, mesh, rules) -> Generation:
     cfg = decoder.llm_config
@@ -345,20 +388,18 @@ def _generate_core(decoder, variables, input_ids, attention_mask, video_tokens, 
     first_logits = decoder.logits(variables, out.last_hidden_state[:, -1:])[:, 0]
 
     # n samples per prompt: repeat the prompt's cache, never recompute it. The decode cache has
-    # one slot per generated token except the last (which is sampled, never fed back).
+    # one slot per generated token except the last (which is sampled, never fed back); it is
+    # allocated for the first decode loop's steps and grown before each later one.
     rows = batch * n
-    total_slots = prompt_slots + new - 1
-    def decode_buffer(prefilled):  # [layers, batch, slots, ...] (int8 scales have no head_dim)
-        extra = ((0, 0), (0, 0), (0, total_slots - prompt_slots)) + ((0, 0),) * (prefilled.ndim - 3)
-        return jnp.pad(_repeat_rows(prefilled, n, axis=1), extra)
-
-    cache = jax.tree.map(decode_buffer, out.cache)
+    platform = (mesh.devices.flat[0].platform if mesh is not None  # a TPU topology compiled
+                else jax.default_backend())                        # from a CPU is TPU
+    cache = jax.tree.map(lambda prefilled: _repeat_rows(prefilled, n, axis=1), out.cache)
+    phase_ends = decode_phase_ends(new, sampling.decode_phases or auto_decode_phases(
+        cache, prompt_slots + new - 1, platform))
     # The decode steps' view of the LLM and its cache (the prefill above keeps the scanned
     # layers and the stacked cache): see SamplingConfig.unroll_decode_layers.
     unroll = sampling.unroll_decode_layers
-    if unroll is None:  # the mesh's platform: a TPU topology compiled from a CPU is TPU
-        platform = (mesh.devices.flat[0].platform if mesh is not None
-                    else jax.default_backend())
+    if unroll is None:
         unroll = platform == "cpu"
     step_decoder, step_variables = decoder, variables
     if unroll and hasattr(decoder, "unrolled_llm"):  # decoders without one keep the scan
@@ -370,7 +411,6 @@ def _generate_core(decoder, variables, input_ids, attention_mask, video_tokens, 
     prompt_lengths = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)
     # Generated slots are real; causality (query slot >= key slot) hides the ones not yet written.
     cache_mask = jnp.concatenate([prompt_mask, jnp.ones((rows, new - 1), jnp.int32)], axis=1)
-    cache_mask = su.constrain(cache_mask, ("act_batch", None), mesh, rules)
 
     def record(state, step, tokens, logprobs):
         out_tokens, out_logprobs, out_mask, done = state
@@ -391,24 +431,35 @@ def _generate_core(decoder, variables, input_ids, attention_mask, video_tokens, 
     tokens, logprobs = select_tokens(first_logits, key, sampling)
     state = record(state, 0, tokens, logprobs)
 
-    def keep_going(carry):
-        step, _, _, state, _ = carry
-        return (step < new) & ~jnp.all(state[3])
+    def decode_loop(carry, end: int):
+        """Decode steps up to `end` (exclusive) over a cache of their slots."""
+        slots = prompt_slots + end - 1
+        step_mask = su.constrain(cache_mask[:, :slots], ("act_batch", None), mesh, rules)
 
-    def decode_step(carry):
+        def keep_going(carry):
+            step, _, _, state, _ = carry
+            return (step < end) & ~jnp.all(state[3])
+
+        def decode_step(carry):
+            step, previous, cache, state, rng = carry
+            slot = prompt_slots + step - 1
+            out = step_decoder.run_llm(
+                step_variables, input_ids=previous[:, None], attention_mask=step_mask,
+                position_ids=(prompt_lengths + step - 1)[:, None], cache=cache,
+                cache_index=slot)
+            cache = _constrain_cache(out.cache, mesh, rules)
+            rng, key = jax.random.split(rng)
+            tokens, logprobs = select_tokens(out.logits[:, 0], key, sampling)
+            return step + 1, tokens, cache, record(state, step, tokens, logprobs), rng
+
         step, previous, cache, state, rng = carry
-        slot = prompt_slots + step - 1
-        out = step_decoder.run_llm(
-            step_variables, input_ids=previous[:, None], attention_mask=cache_mask,
-            position_ids=(prompt_lengths + step - 1)[:, None], cache=cache, cache_index=slot)
-        cache = _constrain_cache(out.cache, mesh, rules)
-        rng, key = jax.random.split(rng)
-        tokens, logprobs = select_tokens(out.logits[:, 0], key, sampling)
-        return step + 1, tokens, cache, record(state, step, tokens, logprobs), rng
+        cache = _constrain_cache(grow_cache(cache, slots), mesh, rules)
+        return jax.lax.while_loop(keep_going, decode_step, (step, previous, cache, state, rng))
 
     carry = (jnp.ones((), jnp.int32), tokens, cache, state, rng)
-    _, _, _, (out_tokens, out_logprobs, out_mask, done), _ = jax.lax.while_loop(
-        keep_going, decode_step, carry)
+    for end in phase_ends:
+        carry = decode_loop(carry, end)
+    out_tokens, out_logprobs, out_mask, done = carry[3]
     return Generation(tokens=out_tokens, logprobs=out_logprobs, mask=out_mask,
                       lengths=jnp.sum(out_mask, axis=-1).astype(jnp.int32), has_eos=done)
 

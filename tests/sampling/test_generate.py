@@ -12,7 +12,8 @@ from jax.sharding import PartitionSpec
 
 from rlaif_jax.parallel import sharding as su
 from rlaif_jax.parallel.mesh import make_mesh
-from rlaif_jax.sampling.generate import (SamplingConfig, TextDecoder, _generate_jit,
+from rlaif_jax.sampling.generate import (AUTO_PHASES_CACHE_BYTES, SamplingConfig, TextDecoder,
+                                        _generate_jit, auto_decode_phases, decode_phase_ends,
                                         first_argmax, generate, left_pad_to, select_tokens,
                                         sequence_logprobs, top_k_filter, top_p_filter)
 from tests.support import left_padded_batch, save_tiny_hf_llama
@@ -227,6 +228,47 @@ def test_bucketing_pads_left_without_changing_outputs(tiny):
     assert _generate_jit._cache_size() == before
     ids, mask = left_pad_to(batch["input_ids"], batch["attention_mask"], 32, 0)
     assert ids.shape == (2, 32) and mask[:, :25].sum() == 0
+
+
+@pytest.mark.parametrize("unroll", [True, False])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_decode_phases_change_no_output(tiny, unroll, temperature):
+    """Loops over a growing cache give the tokens and log-probs of one loop over the whole
+    cache: the slots a phase leaves out are the ones its steps mask out anyway."""
+    _, model, variables = tiny
+    batch = _prompts([7, 4, 6], seed=8)
+    sampling = SamplingConfig(max_new_tokens=7, temperature=temperature, eos_token_id=None,
+                              prompt_bucket=8, num_samples=2, unroll_decode_layers=unroll,
+                              decode_phases=1)
+    one = generate(model, variables, batch, jax.random.PRNGKey(5), sampling)
+    for phases in (3, 9):  # more phases than steps: one loop a step
+        split = generate(model, variables, batch, jax.random.PRNGKey(5),
+                         sampling.replace(decode_phases=phases))
+        np.testing.assert_array_equal(one.tokens, split.tokens)
+        np.testing.assert_allclose(one.logprobs, split.logprobs, rtol=1e-5, atol=1e-5)
+    # With an EOS the rows stop at different steps, some in a phase after the first.
+    eos = int(one.tokens[0, 1])
+    stop = sampling.replace(eos_token_id=eos)
+    np.testing.assert_array_equal(
+        generate(model, variables, batch, jax.random.PRNGKey(5), stop).tokens,
+        generate(model, variables, batch, jax.random.PRNGKey(5),
+                 stop.replace(decode_phases=3)).tokens)
+
+
+def test_decode_phase_ends_and_the_automatic_count():
+    assert decode_phase_ends(128, 4) == [33, 65, 97, 128]
+    assert decode_phase_ends(128, 1) == [128]
+    assert decode_phase_ends(3, 4) == [2, 3]  # two decode steps: at most two loops
+    assert decode_phase_ends(1, 4) == [1]  # no decode step
+    layer = jnp.zeros((2, 8, 4, 1, 16))  # [layers, rows, slots, kv_heads, head_dim] float32
+    per_slot = 2 * layer.size // 4 * 4  # k and v bytes a slot
+    slots_at_threshold = -(-AUTO_PHASES_CACHE_BYTES // per_slot)
+    cache = {"k": layer, "v": layer}
+    assert auto_decode_phases(cache, slots_at_threshold, "cpu") == 4
+    assert auto_decode_phases(cache, slots_at_threshold - 1, "cpu") == 1
+    assert auto_decode_phases(cache, slots_at_threshold, "tpu") == 1
+    with pytest.raises(ValueError, match="decode_phases"):
+        SamplingConfig(decode_phases=0)
 
 
 def test_sharded_on_eight_devices_matches_one_device(tiny):
