@@ -15,6 +15,8 @@ Shape of one call (B prompts, n samples each, P prompt slots after bucketing, T 
    has produced its EOS or after `max_new_tokens`. The layers only read the cache; one update
    after the layer loop writes the step's slot of every layer, in place in the loop's carry
    (models/kv_cache.py). `SamplingConfig.cache_dtype` stores it in bfloat16 or int8.
+   With `SamplingConfig.decode_phases` > 1 (on CPU for large caches) the loop is split into
+   several loops over a cache that grows between them, each just long enough for its steps.
    On CPU (`SamplingConfig.unroll_decode_layers`) the decode steps instead run the LLM with
    unrolled layers on per-layer weights and per-layer, heads-major cache buffers, each written
    in place before its layer attends over it (`kv_cache.to_layers`); the prefill is unchanged.
