@@ -129,12 +129,76 @@ def causal_block_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.A
     scores the keys up to its own end. Valid when query t and key t are the same slot and the
     mask is causal (a forward over a whole sequence, no KV cache). Cuts the scores' FLOPs and
     memory to (n + 1) / 2n of dense for n blocks. Rows with no real key at all (left padding)
-    attend uniformly over their block's keys instead of all keys: their output is unused."""
-    length = q.shape[1]
+    attend uniformly over their block's keys instead of all keys: their output is unused.
+
+    Each block is one `_block_attention` (a custom gradient that keeps no probabilities), on
+    heads-major copies of q, k and v made once for all blocks."""
+    batch, length, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    groups = heads // kv_heads
+    # [B, T, N, H] -> [B, K, G, T, H]: query head n uses key/value head n // groups.
+    q = (q * jnp.asarray(head_dim ** -0.5, q.dtype)).reshape(
+        batch, length, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, K, S, H]
     mask = jnp.asarray(mask, bool)
+    mask = mask.reshape(mask.shape[:-3] + (1, 1) + mask.shape[-2:])  # [B|1, 1, 1, T, S]
     outs = []
     for start in range(0, length, block):
         end = min(start + block, length)
-        outs.append(dot_product_attention(q[:, start:end], k[:, :end], v[:, :end],
-                                          mask[..., start:end, :end]))
-    return jnp.concatenate(outs, axis=1)
+        outs.append(_block_attention(q[:, :, :, start:end], k[:, :, :end], v[:, :, :end],
+                                     mask[..., start:end, :end]))
+    out = jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4)  # [B, T, K, G, H]
+    return out.reshape(batch, length, heads, head_dim)
+
+
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _block_scores(q, k, mask):
+    """Masked float32 scores [B, K, G, T, S] of scaled queries q [B, K, G, T, H] over k
+    [B, K, S, H]."""
+    scores = jnp.einsum("bkgth,bksh->bkgts", q, k, preferred_element_type=jnp.float32)
+    return jnp.where(mask, scores, _MASKED)
+
+
+def _block_forward(q, k, v, mask):
+    scores = _block_scores(q, k, mask)
+    top = jnp.max(scores, axis=-1, keepdims=True)
+    weights = jnp.exp(scores - top)  # unnormalised probabilities
+    inverse_sum = 1.0 / jnp.sum(weights, axis=-1, keepdims=True)
+    out = jnp.einsum("bkgts,bksh->bkgth", weights.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32) * inverse_sum
+    return out.astype(q.dtype), (top, inverse_sum)
+
+
+@jax.custom_vjp
+def _block_attention(q, k, v, mask):
+    """Softmax attention of one query block (q [B, K, G, T, H], already scaled) over its keys
+    k, v [B, K, S, H], mask [..., T, S]. The backward pass recomputes the probabilities from
+    the scores and each row's max and sum instead of keeping them, as flash attention does: on
+    XLA:CPU that is ~20% faster than differentiating the forward (batch 4 x 512, 8 heads: 59
+    against 78 ms a layer, forward and backward; PyTorch's CPU flash attention 57 ms)."""
+    return _block_forward(q, k, v, mask)[0]
+
+
+def _block_attention_fwd(q, k, v, mask):
+    out, (top, inverse_sum) = _block_forward(q, k, v, mask)
+    return out, (q, k, v, mask, out, top, inverse_sum)
+
+
+def _block_attention_bwd(saved, d_out):
+    q, k, v, mask, out, top, inverse_sum = saved
+    f32 = jnp.float32
+    probs = jnp.exp(_block_scores(q, k, mask) - top) * inverse_sum
+    d_out = d_out.astype(f32)
+    d_v = jnp.einsum("bkgts,bkgth->bksh", probs, d_out)
+    d_probs = jnp.einsum("bkgth,bksh->bkgts", d_out, v, preferred_element_type=f32)
+    # Softmax's backward; a masked score is a constant, so it passes no gradient on.
+    row_dot = jnp.sum(d_out * out.astype(f32), axis=-1, keepdims=True)
+    d_scores = jnp.where(mask, probs * (d_probs - row_dot), 0.0)
+    d_q = jnp.einsum("bkgts,bksh->bkgth", d_scores, k, preferred_element_type=f32)
+    d_k = jnp.einsum("bkgts,bkgth->bksh", d_scores, q, preferred_element_type=f32)
+    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None
+
+
+_block_attention.defvjp(_block_attention_fwd, _block_attention_bwd)
