@@ -284,7 +284,7 @@ def test_sharded_on_eight_devices_matches_one_device(tiny):
     for sampling in (SamplingConfig(max_new_tokens=8, temperature=0.0, eos_token_id=None,
                                     prompt_bucket=16),
                      SamplingConfig(max_new_tokens=8, temperature=1.0, top_k=30, num_samples=2,
-                                    eos_token_id=11, prompt_bucket=16)):
+                                    eos_token_id=11, prompt_bucket=16, decode_phases=2)):
         single = generate(model, variables, batch, jax.random.PRNGKey(5), sampling)
         multi = generate(model, sharded, batch, jax.random.PRNGKey(5), sampling, mesh=mesh,
                          rules=rules)
