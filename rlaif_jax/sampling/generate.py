@@ -285,7 +285,10 @@ def select_tokens(logits: jax.Array, key: jax.Array, sampling: SamplingConfig):
     else:
         scaled = scaled / sampling.temperature
         candidates = top_p_filter(top_k_filter(scaled, sampling.top_k), sampling.top_p)
-        tokens = jax.random.categorical(key, candidates, axis=-1)
+        # jax.random.categorical's Gumbel-max draw (the same noise, so the same tokens) with
+        # first_argmax in place of its argmax.
+        tokens = first_argmax(candidates + jax.random.gumbel(key, candidates.shape,
+                                                             candidates.dtype))
     # The chosen token's log_softmax alone: no [R, V] array of log-probs is written.
     picked = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0]
     return tokens.astype(jnp.int32), picked - jax.nn.logsumexp(scaled, axis=-1)

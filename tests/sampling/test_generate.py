@@ -169,6 +169,18 @@ def test_first_argmax_is_numpys_argmax():
                                   logits.argmax(-1))
 
 
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_sampled_tokens_are_jax_categoricals(top_k):
+    """The sampler's Gumbel-max draw picks what jax.random.categorical picks with the same key."""
+    logits = jnp.asarray(np.random.default_rng(3).normal(size=(64, 300)), jnp.float32)
+    sampling = SamplingConfig(temperature=0.8, top_k=top_k)
+    for seed in range(5):
+        key = jax.random.PRNGKey(seed)
+        tokens, _ = select_tokens(logits, key, sampling)
+        expected = jax.random.categorical(key, top_k_filter(logits / 0.8, top_k), axis=-1)
+        np.testing.assert_array_equal(tokens, expected)
+
+
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
 def test_selected_logprobs_are_log_softmax_of_the_token(temperature):
     logits = np.random.default_rng(2).normal(size=(5, 40)).astype(np.float32) * 4
