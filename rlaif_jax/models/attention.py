@@ -14,6 +14,11 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+# The score of a masked key: far below any real score, yet finite (a row with no key left then
+# attends uniformly instead of producing NaN).
+MASKED_SCORE = np.float32(-0.7 * np.finfo(np.float32).max)
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
@@ -31,8 +36,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
         mask = jnp.asarray(mask, bool)
         if mask.ndim == 4:  # [B, 1, T, S] -> [B, 1, 1, T, S]
             mask = mask[:, :, None]
-        scores = jnp.where(mask, scores, jnp.asarray(-0.7 * jnp.finfo(jnp.float32).max,
-                                                     jnp.float32))
+        scores = jnp.where(mask, scores, MASKED_SCORE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
     return out.reshape(batch, length, heads, head_dim).astype(q.dtype)
@@ -66,7 +70,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     if k_scale is not None:
         cached = cached * k_scale[..., None]
     mask = jnp.asarray(mask, bool).reshape(batch, -1, 1, 1)
-    cached = jnp.where(mask, cached, jnp.asarray(-0.7 * jnp.finfo(jnp.float32).max, jnp.float32))
+    cached = jnp.where(mask, cached, MASKED_SCORE)
     own = jnp.sum(q * f32(k_new)[:, :, :, None], axis=-1)  # [B, 1, K, G]
     probs = jax.nn.softmax(jnp.concatenate([cached, own], axis=1), axis=1)
     cached_probs, own_probs = probs[:, :-1], probs[:, -1:]
@@ -100,7 +104,7 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     scores = jnp.einsum("bkqh,bksh->bkqs", q, k, preferred_element_type=f32)
     scores = scores.reshape(batch, kv_heads, groups, length, -1)
     mask = jnp.asarray(mask, bool).reshape(batch, 1, 1, length, -1)
-    scores = jnp.where(mask, scores, jnp.asarray(-0.7 * jnp.finfo(f32).max, f32))
+    scores = jnp.where(mask, scores, MASKED_SCORE)
     probs = jax.nn.softmax(scores, axis=-1).reshape(batch, kv_heads, groups * length, -1)
     out = jnp.einsum("bkqs,bksh->bkqh", probs, v, preferred_element_type=f32)
     out = jnp.transpose(out.reshape(batch, kv_heads, groups, length, head_dim), (0, 3, 1, 2, 4))
@@ -151,14 +155,11 @@ def causal_block_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.A
     return out.reshape(batch, length, heads, head_dim)
 
 
-_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
-
-
 def _block_scores(q, k, mask):
     """Masked float32 scores [B, K, G, T, S] of scaled queries q [B, K, G, T, H] over k
     [B, K, S, H]."""
     scores = jnp.einsum("bkgth,bksh->bkgts", q, k, preferred_element_type=jnp.float32)
-    return jnp.where(mask, scores, _MASKED)
+    return jnp.where(mask, scores, MASKED_SCORE)
 
 
 def _block_forward(q, k, v, mask):
