@@ -20,6 +20,18 @@ def add_llama_dims(parser: argparse.ArgumentParser, runs: int) -> argparse.Argum
     return parser
 
 
+def add_train_step_layout(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """How our train steps lay out the layers and attention on CPU. Unrolled layers: a scanned
+    stack makes XLA:CPU zero-fill and slice [layers, ...] buffers for the saved activations and
+    the weight gradients every step (7-11% of these steps, docs/benchmarks.md); the presets keep
+    the scan, whose compile time and memory pay on TPU and GPU."""
+    parser.add_argument("--scan_layers", type=int, default=0,
+                        help="1: the layers as one scanned stack (the presets' layout)")
+    parser.add_argument("--attention_block", type=int, default=128,
+                        help="causal query blocks (LlamaConfig.attention_block); 0: dense")
+    return parser
+
+
 def alternate(runners: dict[str, Callable[[], None]], runs: int) -> dict[str, dict]:
     """Times each runner `runs` times, alternating between them (so load that comes and goes
     hits every side alike) after one untimed warm-up call each. Returns per name the median

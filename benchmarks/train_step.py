@@ -22,8 +22,8 @@ import torch
 import transformers
 
 import rlaif_jax
-from benchmarks.common import (add_llama_dims, alternate, fastest_torch_threads, machine,
-                               matmul_ceiling_flops)
+from benchmarks.common import (add_llama_dims, add_train_step_layout, alternate,
+                               fastest_torch_threads, machine, matmul_ceiling_flops)
 from benchmarks.profile import jax_breakdown, rounded, torch_breakdown
 from rlaif_jax.models.flops import llama_train_step_flops
 
@@ -90,7 +90,7 @@ def make_theirs(model, input_ids):
     return run
 
 
-def make_ours(theirs_model, input_ids, scan_layers: bool = True,
+def make_ours(theirs_model, input_ids, scan_layers: bool = False,
               attention_block: int = 0) -> Stepper:
     with tempfile.TemporaryDirectory() as directory:
         theirs_model.save_pretrained(directory)
@@ -110,9 +110,7 @@ def parser() -> argparse.ArgumentParser:
     add_llama_dims(p, runs=5)
     p.add_argument("--length", type=int, default=512)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--scan_layers", type=int, default=1, help="0: unrolled layers")
-    p.add_argument("--attention_block", type=int, default=128,
-                   help="causal query blocks (LlamaConfig.attention_block); 0: dense attention")
+    add_train_step_layout(p)
     p.add_argument("--profile", action="store_true", help="also print where the time goes")
     return p
 

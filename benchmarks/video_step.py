@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,8 +23,8 @@ import optax
 import torch
 import transformers
 
-from benchmarks.common import (add_llama_dims, alternate, fastest_torch_threads, machine,
-                               matmul_ceiling_flops)
+from benchmarks.common import (add_llama_dims, add_train_step_layout, alternate,
+                               fastest_torch_threads, machine, matmul_ceiling_flops)
 from benchmarks.profile import jax_breakdown, rounded, torch_breakdown
 from benchmarks.train_step import Stepper, adamw_step, next_token_loss
 from rlaif_jax.models.clip_vision import ClipVisionConfig
@@ -43,8 +44,7 @@ def parser() -> argparse.ArgumentParser:
     add_llama_dims(p, runs=5)
     p.add_argument("--length", type=int, default=128, help="text tokens a row")
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--attention_block", type=int, default=128,
-                   help="causal query blocks of the LLaMA (LlamaConfig.attention_block)")
+    add_train_step_layout(p)  # the LLaMA's attention blocks; both towers' layer layout
     p.add_argument("--profile", action="store_true")
     return p
 
@@ -53,11 +53,13 @@ def configs(args) -> VideoLLMConfig:
     vision = ClipVisionConfig(image_size=args.image, patch_size=args.patch,
                               hidden_size=args.vision_width,
                               intermediate_size=4 * args.vision_width,
-                              num_layers=args.vision_layers, num_heads=args.vision_heads)
+                              num_layers=args.vision_layers, num_heads=args.vision_heads,
+                              scan_layers=bool(args.scan_layers))
     llm = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
                       intermediate_size=int(args.hidden * 8 / 3) // 8 * 8,
                       num_layers=args.layers, num_heads=args.heads,
-                      attention_block=args.attention_block)
+                      attention_block=args.attention_block,
+                      scan_layers=bool(args.scan_layers))
     return VideoLLMConfig(vision=vision, llm=llm, num_frames=args.frames,
                           image_token_id=args.vocab)
 
@@ -75,10 +77,7 @@ def make_ours(config: VideoLLMConfig, ids, frames) -> Stepper:
     model = VideoLLM(config)
     ids, frames = jnp.asarray(ids), jnp.asarray(frames)
     params = jax.jit(model.init)(jax.random.PRNGKey(0), ids[:1], None, frames[:1])["params"]
-    params = jax.tree.map(lambda x: x, params)  # plain dict
-    import flax.linen as nn
-
-    params = nn.unbox(params)
+    params = nn.unbox(jax.tree.map(lambda x: x, params))  # plain dict
     vision = params.pop("vision")
 
     def loss_fn(trained, batch):
