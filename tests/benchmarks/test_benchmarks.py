@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from benchmarks import profile, run
+from benchmarks import profile, run, train_step, video_step
 
 
 def test_profile_parts_name_the_model_scopes():
@@ -101,3 +101,13 @@ def test_each_benchmark_runs_with_its_xla_flags_unless_set(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--mine")
     run.run_one("generation", quick=True, profile=False, timeout=5)
     assert seen["benchmarks.generation"] == "--mine"
+
+
+def test_train_step_benchmarks_unroll_the_layers_unless_asked():
+    """The CPU train steps run the layers unrolled by default (their docstring says why);
+    `--scan_layers 1` gives the presets' scanned stack, in both towers of the video step."""
+    assert train_step.parser().parse_args([]).scan_layers == 0
+    for flag, scanned in (([], False), (["--scan_layers", "1"], True)):
+        config = video_step.configs(video_step.parser().parse_args(flag))
+        assert (config.llm.scan_layers, config.vision.scan_layers) == (scanned, scanned)
+        assert config.llm.attention_block == 128
