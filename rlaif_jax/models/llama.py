@@ -24,6 +24,7 @@ from rlaif_jax.models.fused_attention import IMPLEMENTATIONS, causal_attention, 
 from rlaif_jax.models.config_base import DtypeConfig
 from rlaif_jax.models.kv_cache import init_cache  # noqa: F401 -- re-exported for the sampler
 from rlaif_jax.models.lora import LoraConfig, Projection
+from rlaif_jax.models.target_logprobs import target_log_probs
 
 REMAT_POLICIES = {
     "none": None,
@@ -315,6 +316,19 @@ class Llama(nn.Module):
             logits = self.lm_head(hidden)
         logits = nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
         return logits.astype(jnp.float32)
+
+    def target_log_probs(self, hidden: jax.Array, targets: jax.Array
+                         ) -> tuple[jax.Array, jax.Array]:
+        """log p(target) [B, L] float32 and whether the target is the top logit [B, L], read
+        from final hidden states [B, L, H] without returning the [B, L, vocab] logits: the head
+        and the log-probability are one op (models/target_logprobs.py) whose backward pass is
+        cheaper than the logits' one. Targets must be valid ids (mask ignored positions after).
+        The head never carries a LoRA adapter, so its kernel is the whole head."""
+        if self.config.tie_word_embeddings:
+            kernel = self.embed_tokens.T
+        else:
+            kernel = nn.unbox(self.lm_head.variables["params"]["kernel"])
+        return target_log_probs(hidden.astype(self.config.compute_dtype), kernel, targets)
 
     def __call__(
         self,

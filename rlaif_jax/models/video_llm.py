@@ -258,6 +258,11 @@ class VideoLLM(nn.Module):
         return VideoLLMOutput(logits=logits, last_hidden_state=hidden, reward=reward,
                               values=values, **expanded)
 
+    def target_log_probs(self, hidden: jax.Array, targets: jax.Array
+                         ) -> tuple[jax.Array, jax.Array]:
+        """The LLM's `target_log_probs` on text-position hidden states (`last_hidden_state`)."""
+        return self.llm.target_log_probs(hidden, targets)
+
 
 # ---------------------------------------------------------------------------------------------
 # Host-side checks (jitted code cannot raise on values)
