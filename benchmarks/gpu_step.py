@@ -119,13 +119,12 @@ def train_record(config: LlamaConfig, args, device) -> tuple[dict, dict]:
         trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
 
         def loss_fn(train, frozen, batch):
-            logits = model.apply({"params": frozen, "lora": train}, batch).logits
-            return next_token_loss(logits, batch)
+            return next_token_loss(model, {"params": frozen, "lora": train}, batch)
     else:
         frozen, trainable = {}, variables["params"]
 
         def loss_fn(train, frozen, batch):
-            return next_token_loss(model.apply({"params": train}, batch).logits, batch)
+            return next_token_loss(model, {"params": train}, batch)
 
     optimizer = optax.adamw(1e-4)
 

@@ -26,17 +26,19 @@ from benchmarks.common import (add_llama_dims, add_train_step_layout, alternate,
                                fastest_torch_threads, machine, matmul_ceiling_flops)
 from benchmarks.profile import jax_breakdown, rounded, torch_breakdown
 from rlaif_jax.models.flops import llama_train_step_flops
+from rlaif_jax.sft.loss import model_token_cross_entropy
 
 
-def next_token_loss(logits, ids):
-    """Mean next-token cross entropy, transformers' shift: the logit at t predicts ids[t + 1].
-    The targets are shifted, not the logits, so no [B, L-1, V] copy of the logits is made;
-    the last position has no target and weighs zero."""
-    targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
-    weight = jnp.ones(ids.shape, jnp.float32).at[:, -1].set(0.0)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum((logz - picked) * weight) / jnp.sum(weight)
+def next_token_loss(model, variables, ids, labels=None, frames=None):
+    """Mean next-token cross entropy (transformers' shift: the output at t predicts ids[t + 1])
+    through the library's SFT loss, i.e. the model's fused LM head and log-probability
+    (`rlaif_jax/sft/loss.py: model_token_cross_entropy`). `labels` default to the ids."""
+    batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids),
+             "labels": ids if labels is None else labels}
+    if frames is not None:
+        batch["frames"] = frames
+    sums = model_token_cross_entropy(model, variables, batch)
+    return sums["loss"] / sums["weight"]
 
 
 def adamw_step(loss_fn, optimizer):
@@ -100,7 +102,7 @@ def make_ours(theirs_model, input_ids, scan_layers: bool = False,
     optimizer = optax.adamw(1e-4)
 
     def loss_fn(params, ids):
-        return next_token_loss(model.apply({"params": params}, ids).logits, ids)
+        return next_token_loss(model, {"params": params}, ids)
 
     return Stepper(adamw_step(loss_fn, optimizer), params, optimizer, jnp.asarray(input_ids))
 

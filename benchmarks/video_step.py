@@ -31,6 +31,7 @@ from rlaif_jax.models.clip_vision import ClipVisionConfig
 from rlaif_jax.models.flops import video_llm_train_step_flops
 from rlaif_jax.models.llama import LlamaConfig
 from rlaif_jax.models.video_llm import VideoLLM, VideoLLMConfig
+from rlaif_jax.sft.loss import IGNORE_INDEX
 
 
 def parser() -> argparse.ArgumentParser:
@@ -80,10 +81,13 @@ def make_ours(config: VideoLLMConfig, ids, frames) -> Stepper:
     params = nn.unbox(jax.tree.map(lambda x: x, params))  # plain dict
     vision = params.pop("vision")
 
+    # The placeholder is no target (the SFT data's convention; torch's side predicts id 0).
+    labels = jnp.where(ids == config.image_token_id, IGNORE_INDEX, ids)
+
     def loss_fn(trained, batch):
         ids, frames, vision = batch
-        logits = model.apply({"params": dict(trained, vision=vision)}, ids, frames=frames).logits
-        return next_token_loss(logits, ids)
+        return next_token_loss(model, {"params": dict(trained, vision=vision)}, ids, labels,
+                               frames)
 
     optimizer = optax.adamw(1e-4)
     return Stepper(adamw_step(loss_fn, optimizer), params, optimizer, (ids, frames, vision))
