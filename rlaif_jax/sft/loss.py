@@ -17,14 +17,17 @@ from rlaif_jax.models.video_llm import is_video_model
 IGNORE_INDEX = -100
 
 
-def _forward(model, variables, batch, compute_logits):
-    """Forward pass of a text LLaMA or a video LLM on a batch (docs/method.md, Formats)."""
+def _final_hidden(model, variables, batch) -> jax.Array:
+    """Final hidden states [B, L, H] of a text LLaMA or a video LLM (at the text positions) on
+    a batch (docs/method.md, Formats); the LM head is left to `target_log_probs`."""
     if is_video_model(model):
-        return model.apply(variables, batch["input_ids"], batch["attention_mask"],
-                           frames=batch.get("frames"), has_video=batch.get("has_video"),
-                           compute_logits=compute_logits)
-    return model.apply(variables, input_ids=batch["input_ids"],
-                       attention_mask=batch["attention_mask"], compute_logits=compute_logits)
+        out = model.apply(variables, batch["input_ids"], batch["attention_mask"],
+                          frames=batch.get("frames"), has_video=batch.get("has_video"),
+                          compute_logits=False)
+    else:
+        out = model.apply(variables, input_ids=batch["input_ids"],
+                          attention_mask=batch["attention_mask"], compute_logits=False)
+    return out.last_hidden_state
 
 
 def _shifted_targets(labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -63,7 +66,7 @@ def model_token_cross_entropy(model: Any, variables: Any, batch: Mapping[str, ja
     log-probability (`target_log_probs`): no [B, L, vocab] logits are returned, and the
     backward pass is cheaper. A hit is the target having the largest logit (argmax's first
     index only differs on exact ties)."""
-    hidden = _forward(model, variables, batch, compute_logits=False).last_hidden_state
+    hidden = _final_hidden(model, variables, batch)
     targets, mask = _shifted_targets(batch["labels"])
     log_probs, is_top = model.apply(variables, hidden[:, :-1], targets,
                                     method="target_log_probs")
