@@ -20,42 +20,38 @@ import time
 
 from benchmarks.common import cpu_model
 
-# XLA:CPU matmuls through oneDNN instead of YNNPACK: ~10% faster train steps on this CPU
-# (docs/benchmarks.md). The decode loop's [rows, hidden] x [hidden, vocab] products are the
-# other way round: YNNPACK (jax's default) reads the weights ~15% faster, so generation runs
-# with jax's defaults (what the sampler gets out of the box). Each benchmark's flags are used
-# unless XLA_FLAGS is set; every line records the flags it ran with.
-CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=eltwise "
-                 "--xla_cpu_experimental_onednn_fusion_type=dot")
-JAX_DEFAULT_XLA_FLAGS = ""
+# Every benchmark runs on jax's default XLA:CPU flags, what the library and the main job get
+# out of the box; an XLA_FLAGS of your own is passed through, and every line records the flags
+# it ran with. (The train steps used oneDNN dots until the projections became one
+# [rows, in] x [in, out] product; since then the defaults are as fast or faster on the Xeon:
+# docs/benchmarks.md.)
 
 # name -> (module, full args, quick args, the ratio fields its lines carry: (field, lower is
-# better), its XLA_FLAGS)
+# better))
 BENCHMARKS = {
     "sft_train_step": ("benchmarks.train_step", [], ["--runs", "3", "--layers", "4"],
-                       (("ratio_ours_over_theirs", True),), CPU_XLA_FLAGS),
+                       (("ratio_ours_over_theirs", True),)),
     "video_llm_train_step": ("benchmarks.video_step", [],
                              ["--runs", "3", "--layers", "4", "--vision_layers", "2"],
-                             (("ratio_ours_over_theirs", True),), CPU_XLA_FLAGS),
+                             (("ratio_ours_over_theirs", True),)),
     "generation": ("benchmarks.generation", [],
                    ["--runs", "2", "--layers", "4", "--new", "32", "--cache_variants", ""],
-                   (("tokens_per_s_ratio_ours_over_theirs", False),), JAX_DEFAULT_XLA_FLAGS),
+                   (("tokens_per_s_ratio_ours_over_theirs", False),)),
     "data_pipeline": ("benchmarks.data_pipeline", [],
                       ["--num_train", "64", "--steps", "16", "--long_source_frames", "0",
                        "--runs", "2"],
                       (("ratio_vs_loop_per_item", False), ("ratio_vs_loop_per_video", False),
-                       ("wait_fraction", True)), CPU_XLA_FLAGS),
+                       ("wait_fraction", True))),
 }
 
 
 def run_one(name: str, quick: bool, profile: bool, timeout: float) -> list[dict]:
-    module, full, short, _, xla_flags = BENCHMARKS[name]
+    module, full, short, _ = BENCHMARKS[name]
     args = list(short if quick else full)
     if profile and name in ("sft_train_step", "video_llm_train_step", "generation"):
         args.append("--profile")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
-    env.setdefault("XLA_FLAGS", xla_flags)
     started = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True,
@@ -80,7 +76,7 @@ def run_one(name: str, quick: bool, profile: bool, timeout: float) -> list[dict]
 
 def summary(records: list[dict]) -> str:
     """A plain-text table: benchmark line, ratio field, value, which direction is better."""
-    fields = {field: lower for *_, ratios, _ in BENCHMARKS.values() for field, lower in ratios}
+    fields = {field: lower for *_, ratios in BENCHMARKS.values() for field, lower in ratios}
     rows = [("benchmark", "ratio", "value", "better")]
     for record in records:
         label = record["name"] + "".join(f" [{record[key]}]" for key in ("mode", "variant")
