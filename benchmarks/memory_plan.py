@@ -126,9 +126,8 @@ def build_ppo(args, devices):
     from rlaif_jax.models.video_llm import VideoLLM, VideoLLMConfig
     from rlaif_jax.parallel.mesh import make_mesh
     from rlaif_jax.parallel.sharding import make_rules
-    from rlaif_jax.ppo.trainer import PPOTrainer
+    from rlaif_jax.ppo.trainer import PPOTrainer, ppo_optimizer, settings_from_config
     from rlaif_jax.ppo.actor_critic import ActorCritic
-    from rlaif_jax.ppo.stage import ppo_optimizer, settings_from_config
     from rlaif_jax.engine.state import plan_state
 
     config = ppo_config(args)

@@ -518,7 +518,7 @@ def smoke_workdir(tmp_path_factory) -> str:
 def ppo_settings(eos_token_id: int = 2, pad_token_id: int = 0, **changes):
     """PPOSettings of configs/ppo.py's tiny preset with `changes` to its `ppo` section."""
     from configs import ppo as ppo_configs
-    from rlaif_jax.ppo.stage import settings_from_config
+    from rlaif_jax.ppo.trainer import settings_from_config
 
     config = override(ppo_configs.get_config("tiny"), **{f"ppo.{k}": v for k, v in changes.items()})
     return settings_from_config(config, eos_token_id, pad_token_id)

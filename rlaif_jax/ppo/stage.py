@@ -30,19 +30,12 @@ from rlaif_jax.parallel.mesh import ConfigError
 from rlaif_jax.parallel.sharding import make_rules
 from rlaif_jax.ppo.init import load_actor_critic
 from rlaif_jax.ppo.prompts import PromptSource, TruthScorer, prompt_pipeline, rm_suffix_ids
-from rlaif_jax.ppo.trainer import PPOSettings, PPOTrainer
+from rlaif_jax.ppo.trainer import PPOTrainer, ppo_optimizer, settings_from_config
 from rlaif_jax.sft.stage import SyntheticSources
 from rlaif_jax.workdir.files import atomic_write_json
 from rlaif_jax.workdir.layout import PPO_STAGE, latest_step, stage_dir, world_dir, write_config
 
 REWARDS = {"rm": "ppo", "truth": "ppo_oracle"}  # reward source -> stage directory
-
-
-def settings_from_config(config, eos_token_id: int, pad_token_id: int,
-                         question_mark_ids: tuple = ()) -> PPOSettings:
-    fields = {k: v for k, v in config.ppo.to_dict().items() if k != "max_prompt_length"}
-    return PPOSettings(eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                       question_mark_ids=tuple(question_mark_ids), **fields)
 
 
 def rollout_rules(config):
@@ -51,15 +44,6 @@ def rollout_rules(config):
     if not config.rollout_rules:
         return None
     return make_rules(tuple(config.rules) + tuple(config.rollout_rules))
-
-
-def ppo_optimizer(config, settings: PPOSettings):
-    """AdamW with one global clip; warmup and cosine counted in iterations (the reference warms
-    up over 5 iterations), converted to optimizer steps (epochs x minibatches an iteration)."""
-    per_iteration = settings.steps_per_iteration
-    values = config.optim.to_dict()
-    values["warmup_steps"] = int(values.pop("warmup_iterations")) * per_iteration
-    return optim.make_optimizer(values, int(config.num_iterations) * per_iteration)
 
 
 def write_rollout_samples(path: str, rollout: dict, count: int,

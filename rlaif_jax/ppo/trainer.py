@@ -32,6 +32,7 @@ from rlaif_jax.parallel.mesh import ConfigError
 from rlaif_jax.parallel.sharding import BATCH_AXES
 from rlaif_jax.sampling.generate import SamplingConfig, generate
 from rlaif_jax.ppo import rl_math as ppo_math
+from rlaif_jax.engine import optim
 from rlaif_jax.engine.optim import merge_trees
 from rlaif_jax.ppo.actor_critic import ActorCritic
 from rlaif_jax.engine.state import StateLayout, TrainState
@@ -45,8 +46,8 @@ ScoreFn = Callable[[Mapping[str, np.ndarray]], np.ndarray]
 
 @dataclasses.dataclass(frozen=True)
 class PPOSettings:
-    """One PPO run's settings, built from a config's `ppo` section (`settings_from_config` in
-    ppo/stage.py); configs/ppo.py holds the defaults, the reference trainer's unless a preset
+    """One PPO run's settings, built from a config's `ppo` section (`settings_from_config`
+    below); configs/ppo.py holds the defaults, the reference trainer's unless a preset
     says otherwise."""
 
     rollout_batch_size: int  # prompts an iteration (one sample each)
@@ -110,6 +111,25 @@ class PPOSettings:
         if micro % rows:
             raise ConfigError(f"ppo.train_micro_batch={micro} must be a multiple of the mesh's "
                               f"data*fsdp = {rows}")
+
+
+def settings_from_config(config, eos_token_id: int, pad_token_id: int,
+                         question_mark_ids: tuple = ()) -> PPOSettings:
+    """The `ppo` section of a PPO config as PPOSettings. Here, beside the trainer, rather than in
+    the stage, so that tools which only build the trainer (benchmarks/memory_plan.py) do not
+    import the data pipeline."""
+    fields = {k: v for k, v in config.ppo.to_dict().items() if k != "max_prompt_length"}
+    return PPOSettings(eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                       question_mark_ids=tuple(question_mark_ids), **fields)
+
+
+def ppo_optimizer(config, settings: PPOSettings):
+    """AdamW with one global clip; warmup and cosine counted in iterations (the reference warms
+    up over 5 iterations), converted to optimizer steps (epochs x minibatches an iteration)."""
+    per_iteration = settings.steps_per_iteration
+    values = config.optim.to_dict()
+    values["warmup_steps"] = int(values.pop("warmup_iterations")) * per_iteration
+    return optim.make_optimizer(values, int(config.num_iterations) * per_iteration)
 
 
 class PPOTrainer:

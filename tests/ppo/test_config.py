@@ -4,7 +4,7 @@ import pytest
 
 from configs import ppo as ppo_configs
 from rlaif_jax.parallel.mesh import ConfigError
-from rlaif_jax.ppo.stage import ppo_optimizer, settings_from_config
+from rlaif_jax.ppo.trainer import ppo_optimizer, settings_from_config
 
 
 @pytest.mark.parametrize("preset", sorted(ppo_configs.PRESETS))
