@@ -92,8 +92,11 @@ class Projection(nn.Module):
             nn.with_logical_partitioning(nn.initializers.zeros, (LORA_RANK_AXIS, self.axes[1])),
             rng, (rank, self.features), self.param_dtype,
         ).value
-        low = rows_matmul(x, a.astype(self.dtype))
-        return self.lora.scale * rows_matmul(low, b.astype(self.dtype))
+        # The low-rank products stay einsums over [..., in]: their transposed [r, rows] gradients
+        # are small on CPU, and flattened they cost the v5e PPO update 0.38 GiB more temporaries
+        # a chip (docs/benchmarks.md).
+        low = jnp.einsum("...i,ir->...r", x, a.astype(self.dtype))
+        return self.lora.scale * jnp.einsum("...r,ro->...o", low, b.astype(self.dtype))
 
 
 def rows_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -103,8 +106,8 @@ def rows_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     dimensions (B and L), and XLA:CPU then writes the incoming gradient transposed, [out, B*L],
     fused into the elementwise op that produces it (the SiLU gate's backward, 42 ms of a 320 ms
     layer on a 2-core Xeon; docs/benchmarks.md). With the rows flattened first (a free reshape)
-    both operands keep their layouts. Other backends compile either form alike; merging B and L
-    keeps B's sharding (L is never sharded)."""
+    both operands keep their layouts. Merging B and L keeps B's sharding (L is never sharded);
+    compiled ahead of time for v5e, the PPO update's memory is the same either way."""
     rows = x.reshape(-1, x.shape[-1])
     return jnp.dot(rows, kernel).reshape(x.shape[:-1] + (kernel.shape[-1],))
 
