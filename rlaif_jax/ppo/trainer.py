@@ -32,8 +32,7 @@ from rlaif_jax.parallel.mesh import ConfigError
 from rlaif_jax.parallel.sharding import BATCH_AXES
 from rlaif_jax.sampling.generate import SamplingConfig, generate
 from rlaif_jax.ppo import rl_math as ppo_math
-from rlaif_jax.engine import optim
-from rlaif_jax.engine.optim import merge_trees
+from rlaif_jax.engine.optim import make_optimizer, merge_trees
 from rlaif_jax.ppo.actor_critic import ActorCritic
 from rlaif_jax.engine.state import StateLayout, TrainState
 from rlaif_jax.parallel.sharding import mesh_context
@@ -129,7 +128,7 @@ def ppo_optimizer(config, settings: PPOSettings):
     per_iteration = settings.steps_per_iteration
     values = config.optim.to_dict()
     values["warmup_steps"] = int(values.pop("warmup_iterations")) * per_iteration
-    return optim.make_optimizer(values, int(config.num_iterations) * per_iteration)
+    return make_optimizer(values, int(config.num_iterations) * per_iteration)
 
 
 class PPOTrainer:
