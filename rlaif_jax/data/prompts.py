@@ -61,17 +61,39 @@ def clip_question(question: str) -> str:
     return f"{CLIP_QUESTION_LEAD} {question.strip()}"
 
 
-def join_clip_descriptions(clip_descriptions: list[str]) -> str:
-    """The narrative: clip descriptions joined in temporal order, each marked by its place."""
-    parts = [f"Clip {i + 1}: {_sentence(text)}" for i, text in enumerate(clip_descriptions)]
-    return " ".join(parts)
+def join_clip_descriptions(clip_descriptions: list[str],
+                           clip_numbers: list[int] | None = None) -> str:
+    """The narrative: clip descriptions joined in temporal order, each marked by its place
+    ("Clip 1: ... Clip 2: ..."); `clip_numbers` (1-based) where only some clips are given."""
+    numbers = clip_numbers or range(1, len(clip_descriptions) + 1)
+    return " ".join(f"Clip {n}: {_sentence(text)}" for n, text in zip(numbers, clip_descriptions))
+
+
+def numbered_clip_descriptions(context: str) -> list[tuple[int, str]]:
+    """(clip number, text) of each slot of a joined context, in order."""
+    return [(int(m.group(1)), m.group(2).strip())
+            for m in re.finditer(r"(?:^| )Clip (\d+): (.*?)(?= Clip \d+: |$)", context.strip())]
+
+
+# Time phrases by which a question names a part of the video, and the clip each part is (a
+# fraction of the way through the clips: 0 the first, 1 the last).
+CLIP_TIME_PHRASES = (("at the start", 0.0), ("at the beginning", 0.0), ("in the middle", 0.5),
+                     ("at the end", 1.0))
+
+
+def clip_named_by(question: str, num_clips: int) -> int | None:
+    """The clip (0-based) that a question's time phrase names ("What colour is the circle at
+    the end?" -> the last clip); None when it names none, or more than one part."""
+    lowered = question.lower()
+    named = {round(where * (num_clips - 1)) for phrase, where in CLIP_TIME_PHRASES
+             if phrase in lowered}
+    return named.pop() if len(named) == 1 else None
 
 
 def split_clip_descriptions(context: str) -> list[str]:
     """The clip texts of a joined context, in order (the inverse of join_clip_descriptions, up
     to the full stop it adds)."""
-    parts = re.split(r"(?:^| )Clip \d+: ", context.strip())
-    return [p.strip() for p in parts[1:]]
+    return [text for _, text in numbered_clip_descriptions(context)]
 
 
 def _sentence(text: str) -> str:

@@ -295,6 +295,36 @@ def test_clip_and_context_rows(world_dir):
     assert 0 < corrupted < slots / 2, (corrupted, slots)
 
 
+def test_named_clip_context_rows_give_the_clip_the_question_names(world_dir):
+    """Every wording of every question whose time phrase names a clip, with that clip's answer
+    (some corrupted) as the context and the true answer as the target."""
+    truth = load_truth(world_dir)
+    ranges = world.clip_frame_ranges(WORLD_ARGS["frames"])
+    rows = json.load(open(os.path.join(world_dir, "sft_named_context.json")))
+    expected = {(name, text.question_text(spec, k)) for name, t in truth.items()
+                if f'"videos/{name}.mp4"' in json.dumps([r["images"] for r in rows])
+                for spec in text.answerable_specs(t)
+                for k in range(len(text.QUESTION_TEMPLATES[spec["type"]]))
+                if spec["type"] in ("colour_start", "colour_end")}
+    seen, corrupted = set(), 0
+    for item in rows:
+        name = item["id"].rsplit("_namedcontext", 1)[0]
+        human, gpt = item["conversations"]
+        context, question = human["value"].split("\nQuestion: ")
+        assert context.startswith("<image>\n" + prompts.CONTEXT_LEAD)
+        spec = parse_question(question)
+        clip = prompts.clip_named_by(question, len(ranges))
+        assert clip == (0 if spec["type"] == "colour_start" else 2)
+        [(number, given)] = prompts.numbered_clip_descriptions(
+            context[len("<image>\n" + prompts.CONTEXT_LEAD):])
+        assert number == clip + 1
+        corrupted += given.rstrip(".") != text.clip_answer(truth[name], spec, ranges[clip])
+        assert gpt["value"] == true_answer(truth[name], spec)
+        seen.add((name, question))
+    assert seen == expected and len(rows) == len(expected) > 4
+    assert 0 < corrupted < len(rows) * 0.7, (corrupted, len(rows))
+
+
 def test_rl_prompts_draw_motion_less_often():
     rng = np.random.default_rng(0)
     drawn, answerable = collections.Counter(), collections.Counter()

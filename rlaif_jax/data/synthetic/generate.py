@@ -7,6 +7,7 @@ Layout of a world directory (paths in items are relative to it, so it is its own
     descriptions.json          {name: {"description", "clips": [...], "context"}}
     sft_short.json, sft_long.json, sft_judge.json        SFT curriculum (short, long) + judging
     sft_clip.json, sft_context.json      SFT rows: clip answers, answers read from a clip context
+    sft_named_context.json     SFT rows: answers read from the clip a question's time phrase names
     policy_init.json, ppo_prompts.json, preferences_oracle.json   on held-out training videos
     eval_qa.json, eval_generic.json, eval_temporal.json, eval_consistency.json   on eval videos
     tokenizer/                 AutoTokenizer.from_pretrained(world/tokenizer)
@@ -39,7 +40,8 @@ RL_MOTION_WEIGHT = 0.25
 SFT_CLIP_ROWS = 6
 SFT_CONTEXT_ROWS = 8
 P_CORRUPT_CLIP_ANSWER = 0.35
-JSON_FILES = ("sft_short", "sft_long", "sft_clip", "sft_context", "sft_judge", "policy_init",
+JSON_FILES = ("sft_short", "sft_long", "sft_clip", "sft_context", "sft_named_context",
+              "sft_judge", "policy_init",
               "ppo_prompts", "preferences_oracle", "eval_qa", "eval_generic", "eval_temporal",
               "eval_consistency")
 
@@ -173,6 +175,33 @@ def _context_items(truth: dict, rng: np.random.Generator) -> list[dict]:
     return items
 
 
+def _named_clip_context_items(truth: dict, rng: np.random.Generator) -> list[dict]:
+    """Context reading for the `named_clip` context: each question of the video whose time
+    phrase names a clip (`prompts.clip_named_by`: the colour at the start or at the end), in
+    each of its wordings, as (the video, what the named clip shows, the question) -> the true
+    answer. The clip answer is
+    replaced by a wrong one with probability P_CORRUPT_CLIP_ANSWER; the target stays the truth."""
+    name = truth["name"]
+    ranges = world.clip_frame_ranges(truth["num_frames"])
+    items = []
+    for spec in text.answerable_specs(truth):
+        for paraphrase in range(len(text.QUESTION_TEMPLATES[spec["type"]])):
+            question = text.question_text(spec, paraphrase)
+            clip = prompts.clip_named_by(question, len(ranges))
+            if clip is None or spec["type"] == "describe":
+                continue
+            frames = ranges[clip]
+            slot = (text.wrong_clip_answer(truth, spec, frames, rng)
+                    if rng.random() < P_CORRUPT_CLIP_ANSWER
+                    else text.clip_answer(truth, spec, frames))
+            context = prompts.join_clip_descriptions([slot], [clip + 1])
+            items.append({"id": f"{name}_namedcontext{len(items)}", "images": video_path(name),
+                          "conversations": _conversation(
+                              prompts.question_with_context(question, context),
+                              text.true_answer(truth, spec))})
+    return items
+
+
 def _preference_items(truth: dict, rng: np.random.Generator) -> list[dict]:
     items = []
     for k, spec in enumerate(_pair_specs(truth, rng)):
@@ -234,6 +263,9 @@ def generate_world(out_dir: str, num_train: int = 512, num_eval: int = 64, frame
         raise ValueError("need frames >= 3 and at least one train and one eval video")
     os.makedirs(os.path.join(out_dir, "videos", "clips"), exist_ok=True)
     rng = np.random.default_rng(seed)
+    # Files added later draw from a stream of their own, so that adding one leaves the others
+    # (and the videos) as they were.
+    named_context_rng = np.random.default_rng([seed, 1])
     names = [f"train_{i:05d}" for i in range(num_train)] + [f"eval_{i:05d}" for i in range(num_eval)]
     num_rl = int(round(num_train * RL_FRACTION)) if num_train > 1 else 0
     rl_names = set(names[num_train - num_rl:num_train])
@@ -266,6 +298,8 @@ def generate_world(out_dir: str, num_train: int = 512, num_eval: int = 64, frame
             outputs["sft_judge"].extend(_judge_items(truth, context, rng))
             outputs["sft_clip"].extend(_clip_items(truth, rng))
             outputs["sft_context"].extend(_context_items(truth, rng))
+            outputs["sft_named_context"].extend(_named_clip_context_items(truth,
+                                                                          named_context_rng))
         if name == names[0]:
             _check_decodable(os.path.join(out_dir, video_path(name)), size)
 
