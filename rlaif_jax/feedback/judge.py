@@ -11,6 +11,9 @@ clip by clip (the context), and judges which answer is better in both orders.
      reused by its questions (the paper's narrative; `clips` is its former name);
    - `question`: the prompt's own question answered on each clip (a question-conditioned
      context, as the authors' unreleased caption helpers condition on the question);
+   - `named_clip`: the prompt's question answered on the one clip its time phrase names ("at
+     the end": the last clip; `prompts.clip_named_by`), given as "Clip 3: ..."; a question that
+     names no part of the video gets no context (the judge sees the whole video already);
    - `none`: no context (the ablation);
 3. the judge: the same policy reads the video, the question, both answers, the context and the
    principles (`prompts.judge_prompt`), and one forward pass gives its next-token log-probs of
@@ -46,7 +49,8 @@ from rlaif_jax.parallel import sharding as su
 from rlaif_jax.sampling.generate import SamplingConfig, bucket_length, decoder_for, generate
 
 
-CONTEXT_MODES = ("question", "describe", "clips", "none")  # 'clips': the former 'describe'
+# 'clips': the former 'describe'
+CONTEXT_MODES = ("question", "named_clip", "describe", "clips", "none")
 PER_VIDEO_CONTEXT = ("describe", "clips")  # contexts that do not depend on the question
 
 
@@ -251,6 +255,25 @@ class AIFeedback:
                                rng, self.context_sampling)
         return [prompts.join_clip_descriptions(texts[i * c:(i + 1) * c])
                 for i in range(len(texts) // c)]
+
+    def named_clip_context(self, frames: np.ndarray, questions: Sequence[str], rng
+                           ) -> list[Optional[str]]:
+        """Row i's context: `questions[i]` asked of the one clip of video i that its time
+        phrase names, as "Clip k: ..."; None where it names none (nothing is generated for a
+        batch in which no question names a clip)."""
+        c = self.settings.num_clips
+        named = [prompts.clip_named_by(q, c) for q in questions]
+        if all(k is None for k in named):
+            return [None] * len(questions)
+        clips = clip_frames(np.asarray(frames), c)  # video i's clip k at row i * c + k
+        picked = clips[np.array([i * c + (k or 0) for i, k in enumerate(named)])]
+        rows = [conversation.tokenize_prompt(conversation.video_question(q), self.tokenizer)
+                for q in questions]
+        input_ids, mask = conversation.left_pad(rows, self.pad)
+        texts = self._generate(input_ids, mask, self.encode(picked), np.ones(len(picked), bool),
+                               rng, self.context_sampling)
+        return [None if k is None else prompts.join_clip_descriptions([t], [k + 1])
+                for t, k in zip(texts, named)]
 
     def judge_rows(self, question_turns: Sequence[dict], answers: Sequence[tuple[str, str]],
                    contexts: Optional[Sequence[str]]) -> list[Optional[tuple]]:

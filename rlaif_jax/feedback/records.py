@@ -44,18 +44,18 @@ def truth_of(truths: Optional[dict], images: Any, question: str, a1: str, a2: st
 
 def clip_answer_grades(truths: Optional[dict], images: Any, question: str,
                        context: Optional[str]) -> dict:
-    """Graded only, on the synthetic world: whether each clip answer of a `question` context
-    is what that clip shows (`text.clip_answer`); {} for other contexts, questions answered
+    """Graded only, on the synthetic world: whether each clip answer of a `question` or
+    `named_clip` context is what its clip shows (`text.clip_answer`); {} for other contexts, questions answered
     by clip descriptions, or unknown videos."""
     truth = _video_truth(truths, images)
     spec = text.parse_question(question)
     if truth is None or not context or spec["type"] in text.DESCRIBED_IN_CLIPS:
         return {}
-    given = prompts.split_clip_descriptions(context)
+    given = prompts.numbered_clip_descriptions(context)
     right = text.clip_answers(truth, spec)
-    if len(given) != len(right):
+    if not given or any(not 1 <= number <= len(right) for number, _ in given):
         return {}
-    return {"clip_answers_correct": [g.rstrip(".") == r for g, r in zip(given, right)]}
+    return {"clip_answers_correct": [g.rstrip(".") == right[number - 1] for number, g in given]}
 
 
 def clip_answer_accuracy(records: Sequence[dict]) -> dict:

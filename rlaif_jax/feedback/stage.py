@@ -87,11 +87,12 @@ def run_batches(engine: AIFeedback, pipeline, items_by_id: dict, out_path: str, 
                     if ok and v not in contexts:
                         contexts[v] = text
             batch_contexts = [contexts.get(v, "") for v in video_ids]
-        elif settings.context == "question":  # per prompt: its question asked of each clip
-            batch_contexts = engine.clip_context(batch["frames"],
-                                                 [prompts.clip_question(question_of(t))
-                                                  for t in turns],
-                                                 jax.random.fold_in(key, 1))
+        elif settings.context in ("question", "named_clip"):  # per prompt, from its question
+            build = engine.clip_context if settings.context == "question" else (
+                engine.named_clip_context)
+            batch_contexts = build(batch["frames"],
+                                   [prompts.clip_question(question_of(t)) for t in turns],
+                                   jax.random.fold_in(key, 1))
         rows = engine.judge_rows(turns, answers, batch_contexts)
         p = engine.judge(rows, video_tokens, has_video)
         p_none = None
@@ -111,7 +112,7 @@ def run_batches(engine: AIFeedback, pipeline, items_by_id: dict, out_path: str, 
                    "context_mode": settings.context, "p_output_1": None,
                    "drop_reason": None}
             out.update(truth_of(truths, out["images"], question_of(turns[row]), a1, a2))
-            if settings.context == "question":
+            if settings.context in ("question", "named_clip"):
                 out.update(clip_answer_grades(truths, out["images"], question_of(turns[row]),
                                               out["context"]))
             if a1 == a2:

@@ -258,6 +258,48 @@ def test_question_context_asks_each_clip_the_prompts_question(engine, monkeypatc
                                                 seen["prompts"]))
 
 
+def test_named_clip_context_asks_only_the_clip_a_time_phrase_names(engine, monkeypatch):
+    engine = judge.AIFeedback(engine.model, engine.variables, engine.tokenizer,
+                              dataclasses.replace(engine.settings, context="named_clip"))
+    seen = {"calls": 0}
+
+    def encode(frames):
+        seen["frames"] = frames
+        return frames
+
+    def generate(input_ids, attention_mask, video_tokens, has_video, rng, sampling):
+        seen["calls"] += 1
+        seen["prompts"] = [engine.tokenizer.decode(ids[mask.astype(bool)])
+                           for ids, mask in zip(input_ids, attention_mask)]
+        return [f"answer {i}" for i in range(len(input_ids))]
+
+    monkeypatch.setattr(engine, "encode", encode)
+    monkeypatch.setattr(engine, "_generate", generate)
+    frames = np.arange(3 * 8).reshape(3, 8, 1, 1, 1).astype(np.uint8)
+    questions = ["What colour is the square at the end?", "How many shapes are in the video?",
+                 "Which colour does the circle have at the start?"]
+    contexts = engine.named_clip_context(frames, questions, jax.random.PRNGKey(0))
+    assert contexts == ["Clip 3: answer 0.", None, "Clip 1: answer 2."]
+    clips = clip_frames(frames, 3)  # video i's clip k at row 3 * i + k
+    np.testing.assert_array_equal(seen["frames"], clips[[2, 3, 6]])  # row 1: a filler
+    assert all(q in p for q, p in zip(questions, seen["prompts"]))
+    assert engine.named_clip_context(frames, questions[1:2] * 3, None) == [None] * 3
+    assert seen["calls"] == 1  # no question named a clip: nothing generated
+
+
+def test_a_time_phrase_names_one_clip():
+    assert prompts.clip_named_by("What colour is the circle at the end?", 3) == 2
+    assert prompts.clip_named_by("Which colour does the star have at the start?", 3) == 0
+    assert prompts.clip_named_by("What happens in the middle?", 3) == 1
+    assert prompts.clip_named_by("What happens at the beginning?", 4) == 0
+    assert prompts.clip_named_by("What happens in the middle?", 4) == 2
+    assert prompts.clip_named_by("When does the circle change colour?", 3) is None
+    assert prompts.clip_named_by("Is it red at the start and blue at the end?", 3) is None
+    context = prompts.join_clip_descriptions(["blue then red", "no star"], [2, 3])
+    assert context == "Clip 2: blue then red. Clip 3: no star."
+    assert prompts.numbered_clip_descriptions(context) == [(2, "blue then red."), (3, "no star.")]
+
+
 def test_clip_answers_are_graded_against_each_clips_truth(world_dir):  # noqa: F811
     truths = load_truth(world_dir)
     name = next(n for n, t in truths.items() if any(o["change_frame"] for o in t["objects"]))
@@ -270,6 +312,10 @@ def test_clip_answers_are_graded_against_each_clips_truth(world_dir):  # noqa: F
         truths, images, question, prompts.join_clip_descriptions(answers))
     assert grade(right) == {"clip_answers_correct": [True, True, True]}
     assert grade(wrong) == {"clip_answers_correct": [True, True, False]}
+    named = lambda answer: feedback_records.clip_answer_grades(  # noqa: E731
+        truths, images, question, prompts.join_clip_descriptions([answer], [3]))
+    assert named(right[2]) == {"clip_answers_correct": [True]}  # graded against clip 3
+    assert named(right[2] + " then " + right[2]) == {"clip_answers_correct": [False]}
     assert feedback_records.clip_answer_grades(truths, images, "Describe this video in detail.",
                                                "Clip 1: x. Clip 2: y. Clip 3: z.") == {}
     records = [{"question_turn": conversation.video_question(question),
@@ -300,7 +346,8 @@ def test_time_localised_agreement_pairs_the_two_judges_on_decisive_temporal_pair
 
 
 @pytest.mark.parametrize("context,reply", [("question", "label"), ("describe", "label"),
-                                           ("question", "likelihood")])
+                                           ("question", "likelihood"),
+                                           ("named_clip", "likelihood")])
 def test_contexts_and_verdicts_never_see_the_truth(engine, prompt_data, world_dir, tmp_path,
                                                    context, reply):  # noqa: F811
     """The RL prompts' truth only grades: shuffled, contexts and judge verdicts are the same."""
@@ -310,6 +357,7 @@ def test_contexts_and_verdicts_never_see_the_truth(engine, prompt_data, world_di
     pipe = Pipeline(prompt_data, "train", engine.tokenizer, BATCH, 256, shuffle=False)
     with open(os.path.join(world_dir, "ppo_prompts.json")) as f:
         items = {str(i["uid"]): i for i in json.load(f)}
+    question_of_id = {uid: item["conversations"][0]["value"] for uid, item in items.items()}
     truths = load_truth(world_dir)
     names = sorted(truths)
     shuffled = dict(zip(names, [truths[n] for n in names[1:] + names[:1]]))
@@ -321,4 +369,8 @@ def test_contexts_and_verdicts_never_see_the_truth(engine, prompt_data, world_di
         runs.append([{k: r.get(k) for k in ("id", "answers", "context", "p_orders",
                                              "p_output_1_no_context")} for r in records])
     assert json.dumps(runs[0]) == json.dumps(runs[1])
-    assert all(r["context"].startswith("Clip 1:") for r in runs[0])
+    if context == "named_clip":  # a context only where the question names a clip
+        assert all((r["context"] is None) == (prompts.clip_named_by(
+            question_of_id[r["id"]], 3) is None) for r in runs[0])
+    else:
+        assert all(r["context"].startswith("Clip 1:") for r in runs[0])
