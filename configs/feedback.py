@@ -31,7 +31,8 @@ def _base() -> ml_collections.ConfigDict:
     c.answer_samples = 2  # answers sampled per prompt; the first two distinct ones are judged
     c.num_clips = 3  # the context: the frames cut into this many clips
     # 'describe': each clip described (the paper's narrative; 'clips' is its former name),
-    # 'question': the prompt's question answered on each clip, 'none': no context (the ablation)
+    # 'question': the prompt's question answered on each clip, 'named_clip': on the clip its
+    # time phrase names (other questions: none), 'none': no context (the ablation)
     c.context = "clips"
     c.measure_no_context = True  # with context, also judge without it (paired metric)
     c.margin = 0.1  # drop pairs with |P(answer 1) - P(answer 2)| below this
@@ -54,13 +55,15 @@ def tiny() -> ml_collections.ConfigDict:
     # each answer's mean token log-prob (the answer it would more confidently give itself) it
     # agrees 0.64 on world seed 0's 174 decisive RL pairs without context (restate: 0.58).
     c.judge_reply = "likelihood"
-    # No context: the tiny model never learnt to read one, and every context measured made the
-    # judge worse. On the 174 pairs above, the likelihood judge given the prompt's question
-    # asked of each clip ('question') agreed 0.60 (time-localised 0.74 against 0.68 on 19
-    # pairs; descriptions 0.59 against 0.64), given the clips described ('describe') 0.59. On
-    # the default world of 2026-12-04 with 'question': 0.594 against 0.642 without, on the
-    # same decisive pairs. `--config.context=question` runs the context ablation.
-    c.context = "none"
+    # The context of the clip a question's time phrase names ("at the start", "at the end"),
+    # none for other questions (docs/feedback_and_rm.md). A clip alone tells the tiny model a
+    # shape's first or last colour better than the whole video (+0.12 on world seed 0's eval
+    # videos) and nothing it lacks elsewhere; contexts of every clip ('question', 'describe')
+    # cost the judge 0.03-0.07, a tiny model not learning in the budget to pick the slot a time
+    # phrase names. With this one its SFT having read such contexts (configs/sft.py:tiny) the
+    # judge gained +0.028 (SE 0.016) on world seed 0's time-localised pairs and +0.078 (SE
+    # 0.027) on seed 1's. `--config.context=none` is the ablation.
+    c.context = "named_clip"
     # Four samples a prompt, the first two distinct ones judged: with two, 243 of the 616 RL
     # prompts of world seed 0 gave two identical short answers and were dropped (2026-12-04).
     c.answer_samples = 4
