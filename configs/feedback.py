@@ -4,8 +4,9 @@
 
 Presets:
   tiny       the default: the SFT policy of WORKDIR/sft on the synthetic world's PPO prompts
-             (WORKDIR/data/world/ppo_prompts.json), truth from the world's scorer; the judge
-             restates the better answer (judge_reply='restate').
+             (WORKDIR/data/world/ppo_prompts.json), truth from the world's scorer (grading
+             only); the judge reads each answer's likelihood (judge_reply='likelihood') after
+             the answer of the clip the question names (context='named_clip').
   smoke      the same with short generations (tests).
   vicuna7b   docs/method.md: the 7B SFT policy as sampler, describer and judge, 50 frames, 3 clips.
 Output: WORKDIR/feedback/preferences.json (reference format + confidence), metrics.jsonl.

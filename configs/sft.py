@@ -2,7 +2,8 @@
 
 Presets (`--config=configs/sft.py:NAME`):
   tiny       the default: the synthetic video world (generated on first use under the workdir),
-             a tiny video LLM trained from scratch, vision tower trainable (no pretrained CLIP).
+             a tiny video LLM trained from scratch on a tower pre-trained on world videos; its
+             last phase also reads the feedback stage's `named_clip` contexts.
   smoke      the same, small enough to finish in under a minute (tests).
   judge_skills_tiny  tiny with the judge's skills mixed into the curriculum: clip answers (a
              clip as the input) and answers read from a context of clip answers, some wrong

@@ -261,6 +261,16 @@ def _slots(context: str) -> list[str]:
     return [p.split(": ", 1)[1].strip().rstrip(".") for p in parts]
 
 
+def _context_row(item: dict, id_marker: str) -> tuple[str, str, str, str]:
+    """(video name, the context after its lead, the question, the target) of a row that reads
+    a context in front of a question."""
+    human, gpt = item["conversations"]
+    context, question = human["value"].split("\nQuestion: ")
+    lead = "<image>\n" + prompts.CONTEXT_LEAD
+    assert context.startswith(lead)
+    return item["id"].rsplit(id_marker, 1)[0], context[len(lead):], question, gpt["value"]
+
+
 def test_clip_and_context_rows(world_dir):
     """SFT rows for the judge's skills: a clip and a question asked of it with what the clip
     shows; the video, its clip answers (some corrupted) as context, and the true answer."""
@@ -280,12 +290,9 @@ def test_clip_and_context_rows(world_dir):
     assert context_rows
     slots = corrupted = 0
     for item in context_rows:
-        name = item["id"].rsplit("_context", 1)[0]
-        human, gpt = item["conversations"]
-        context, question = human["value"].split("\nQuestion: ")
-        assert context.startswith("<image>\n" + prompts.CONTEXT_LEAD)
+        name, context, question, target = _context_row(item, "_context")
         spec = parse_question(question)
-        assert gpt["value"] == true_answer(truth[name], spec)
+        assert target == true_answer(truth[name], spec)
         right = [a.rstrip(".") for a in text.clip_answers(truth[name], spec)]
         given = _slots(context)
         assert len(given) == len(right) == 3
@@ -301,25 +308,22 @@ def test_named_clip_context_rows_give_the_clip_the_question_names(world_dir):
     truth = load_truth(world_dir)
     ranges = world.clip_frame_ranges(WORLD_ARGS["frames"])
     rows = json.load(open(os.path.join(world_dir, "sft_named_context.json")))
+    sft_videos = {i["images"] for i in json.load(open(os.path.join(world_dir, "sft_short.json")))}
     expected = {(name, text.question_text(spec, k)) for name, t in truth.items()
-                if f'"videos/{name}.mp4"' in json.dumps([r["images"] for r in rows])
+                if generate.video_path(name) in sft_videos
                 for spec in text.answerable_specs(t)
                 for k in range(len(text.QUESTION_TEMPLATES[spec["type"]]))
                 if spec["type"] in ("colour_start", "colour_end")}
     seen, corrupted = set(), 0
     for item in rows:
-        name = item["id"].rsplit("_namedcontext", 1)[0]
-        human, gpt = item["conversations"]
-        context, question = human["value"].split("\nQuestion: ")
-        assert context.startswith("<image>\n" + prompts.CONTEXT_LEAD)
+        name, context, question, target = _context_row(item, "_namedcontext")
         spec = parse_question(question)
         clip = prompts.clip_named_by(question, len(ranges))
         assert clip == (0 if spec["type"] == "colour_start" else 2)
-        [(number, given)] = prompts.numbered_clip_descriptions(
-            context[len("<image>\n" + prompts.CONTEXT_LEAD):])
+        [(number, given)] = prompts.numbered_clip_descriptions(context)
         assert number == clip + 1
         corrupted += given.rstrip(".") != text.clip_answer(truth[name], spec, ranges[clip])
-        assert gpt["value"] == true_answer(truth[name], spec)
+        assert target == true_answer(truth[name], spec)
         seen.add((name, question))
     assert seen == expected and len(rows) == len(expected) > 4
     assert 0 < corrupted < len(rows) * 0.7, (corrupted, len(rows))
