@@ -12,7 +12,8 @@ import shutil
 
 import pytest
 
-from tests.support import ROOT, launch
+from rlaif_jax.eval import context_bound
+from tests.support import ROOT, launch, run_module
 
 PPO = os.path.join(ROOT, "configs", "ppo.py") + ":smoke"
 
@@ -99,9 +100,30 @@ def test_main_job_runs_the_context_ablation_beside_the_rm(main_job):
     with open(os.path.join(workdir, "feedback", "judged.jsonl")) as f:
         judged = [json.loads(line) for line in f]
     assert judged and len(judged) == feedback["feedback/judged"]
-    assert set(judged[0]) >= {"id", "question_type", "output_1", "output_2", "true_scores",
-                              "preference", "confidence", "preference_no_context",
+    assert set(judged[0]) >= {"id", "images", "question_type", "output_1", "output_2",
+                              "true_scores", "preference", "confidence", "preference_no_context",
                               "confidence_no_context", "kept"}
+
+
+def test_context_bound_reads_the_main_jobs_pairs(main_job, tmp_path):
+    workdir, _, _ = main_job
+    out = str(tmp_path / "bound.json")
+    proc = run_module("rlaif_jax.eval.context_bound", [workdir, "--batch_size", "8",
+                                                       "--json", out])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(workdir, "feedback", "judged.jsonl")) as f:
+        judged = [json.loads(line) for line in f]
+    readable = [r for r in judged if r["question_type"] in context_bound.READABLE_TYPES
+                and r["true_scores"][0] != r["true_scores"][1]]
+    with open(out) as f:
+        result = json.load(f)
+    assert len(result["records"]) == len(readable)
+    if readable:
+        assert "| all |" in proc.stdout and result["rows"][-1]["type"] == "all"
+    else:
+        assert result["rows"] == [] and "no decisive pairs" in proc.stdout
+    bad = run_module("rlaif_jax.eval.context_bound", [workdir, "--types", "motion"])
+    assert bad.returncode == 2 and "not among" in bad.stderr
 
 
 def test_rerun_resumes_instead_of_redoing(main_job):

@@ -47,12 +47,12 @@ NUM_CLIPS = world.NUM_CLIPS
 Answerer = Callable[[Sequence[tuple[tuple[str, Optional[int]], str]]], list[str]]
 
 
-def _colour_question(shape: str, when: str = "") -> str:
+def colour_question(shape: str, when: str = "") -> str:
     spec = {"type": f"colour_{when}" if when else "colour", "shape": shape}
     return text.question_text(spec)
 
 
-def _named(answer: str) -> Optional[str]:
+def named(answer: str) -> Optional[str]:
     colours = scorer.named_colours(answer)
     return colours[0] if len(colours) == 1 else None
 
@@ -65,14 +65,14 @@ def probe(truths: dict, answer: Answerer) -> list[dict]:
         ranges = world.clip_frame_ranges(frames, NUM_CLIPS)
         for obj in truth["objects"]:
             shape = obj["shape"]
-            asks += [((name, None), _colour_question(shape, "start")),
-                     ((name, None), _colour_question(shape, "end"))]
+            asks += [((name, None), colour_question(shape, "start")),
+                     ((name, None), colour_question(shape, "end"))]
             if obj["change_frame"] is not None:
                 asks.append(((name, None), text.question_text(
                     {"type": "change_when", "shape": shape})))
             for clip, clip_range in enumerate(ranges):
                 if clip_range[-1] >= obj["appear_frame"]:
-                    asks.append(((name, clip), _colour_question(shape)))
+                    asks.append(((name, clip), colour_question(shape)))
     answers = dict(zip(asks, answer(asks)))
     records = []
     for name, truth in sorted(truths.items()):
@@ -81,15 +81,15 @@ def probe(truths: dict, answer: Answerer) -> list[dict]:
         for obj in truth["objects"]:
             shape, changes = obj["shape"], obj["change_frame"] is not None
             first_clip = world.clip_of_frame(obj["appear_frame"], frames)
-            clip_colours = {clip: _named(answers[((name, clip), _colour_question(shape))])
+            clip_colours = {clip: named(answers[((name, clip), colour_question(shape))])
                             for clip in range(first_clip, len(ranges))}
             start, end = world.colour_at(obj, obj["appear_frame"]), world.colour_at(obj, frames - 1)
             base = {"video": name, "shape": shape, "changes_colour": changes}
             records.append(dict(base, type="colour_start", truth=start, whole=float(
-                _named(answers[((name, None), _colour_question(shape, "start"))]) == start),
+                named(answers[((name, None), colour_question(shape, "start"))]) == start),
                 clip=float(clip_colours[first_clip] == start)))
             records.append(dict(base, type="colour_end", truth=end, whole=float(
-                _named(answers[((name, None), _colour_question(shape, "end"))]) == end),
+                named(answers[((name, None), colour_question(shape, "end"))]) == end),
                 clip=float(clip_colours[len(ranges) - 1] == end)))
             if changes:
                 bucket = world.time_bucket(obj["change_frame"], frames)
@@ -172,9 +172,10 @@ class ProbeSetup:
         return model_answerer(self.model, self.params, self.tokenizer, self.videos, batch_size)
 
 
-def load_probe(stage: str, world: str = "", frames: int = 0) -> ProbeSetup:
-    """The model of a stage or step directory (at `frames` frames; 0: its own) and the eval
-    videos of its workdir's world (or of `world`)."""
+def load_probe(stage: str, world: str = "", frames: int = 0,
+               names: Optional[Sequence[str]] = None) -> ProbeSetup:
+    """The model of a stage or step directory (at `frames` frames; 0: its own) and videos of
+    its workdir's world (or of `world`): those named, or the eval videos."""
     step_dir, _ = stage_config(stage)
     world_dir = world or world_dir_of(workdir_of(step_dir))
     tokenizer = transformers.AutoTokenizer.from_pretrained(stage_tokenizer_dir(step_dir))
@@ -182,7 +183,7 @@ def load_probe(stage: str, world: str = "", frames: int = 0) -> ProbeSetup:
     model, params = load_stage(step_dir, tokenizer=tokenizer, **overrides)
     num_frames, size = model.config.num_frames, model.config.vision.image_size
     truths = {name: truth for name, truth in world_files.load_truth(world_dir).items()
-              if name.startswith("eval_")}
+              if (name in names if names is not None else name.startswith("eval_"))}
     videos = {name: load_frames(os.path.join(world_dir, world_files.video_path(name)),
                                 num_frames, size) for name in sorted(truths)}
     return ProbeSetup(step_dir, model, params, tokenizer, truths, videos)

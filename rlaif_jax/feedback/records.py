@@ -165,7 +165,8 @@ def time_localised_agreement(judged: Sequence[dict]) -> dict:
 def judged_item(record: dict) -> dict:
     """One line of judged.jsonl: a judged pair, kept or not, with both judges' verdicts."""
     p_none = record.get("p_output_1_no_context")
-    return {"id": record["id"], "question_type": question_type(record),
+    return {"id": record["id"], "images": record.get("images"),
+            "question_type": question_type(record),
             "question": question_of(record["question_turn"]),
             "output_1": record["answers"][0], "output_2": record["answers"][1],
             "context": record.get("context"), "true_scores": record.get("true_scores"),

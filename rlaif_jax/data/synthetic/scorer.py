@@ -74,6 +74,11 @@ def named_colours(answer: str) -> list[str]:
     return _kinds(words(answer), COLOUR_WORDS)
 
 
+def named_times(answer: str) -> list[str]:
+    """The parts of the video (start, middle, end) an answer names, in order, without repeats."""
+    return _kinds(words(answer), TIME_WORDS)
+
+
 def _grade_short(truth: dict, spec: dict, answer: str) -> bool:
     tokens = words(answer)
     kind = spec["type"]
@@ -88,7 +93,7 @@ def _grade_short(truth: dict, spec: dict, answer: str) -> bool:
         return _kinds(tokens, SHAPE_WORDS) == [synthetic_text.true_answer(truth, spec)[4:]]
     if kind in ("appear_when", "change_when"):
         frame = obj["appear_frame"] if kind == "appear_when" else obj["change_frame"]
-        return _kinds(tokens, TIME_WORDS) == [world.time_bucket(frame, truth["num_frames"])]
+        return named_times(answer) == [world.time_bucket(frame, truth["num_frames"])]
     if kind == "first_event":
         events = _events_in_order(truth, [tokens])
         first = truth["events"][0]
