@@ -37,6 +37,7 @@ from rlaif_jax.data.synthetic import generate as world_files
 from rlaif_jax.data.synthetic import scorer, text, world
 from rlaif_jax.data.video import clip_frames, load_frames
 from rlaif_jax.engine.pretrained import load_stage, stage_config, stage_tokenizer_dir
+from rlaif_jax.eval.stats import mean_and_se
 from rlaif_jax.eval.synthetic_qa import EvalItem, answer_items
 from rlaif_jax.workdir.layout import workdir_of
 from rlaif_jax.workdir.layout import world_dir as world_dir_of
@@ -112,11 +113,10 @@ def summarize(records: list[dict]) -> list[dict]:
                 continue
             whole = np.array([r["whole"] for r in group])
             clip = np.array([r["clip"] for r in group])
-            gain = clip - whole
-            se = float(np.std(gain, ddof=1) / np.sqrt(len(gain))) if len(gain) > 1 else float("nan")
+            gain, se = mean_and_se(clip - whole)
             rows.append({"type": kind, "changes_colour": changes, "n": len(group),
                          "whole": float(whole.mean()), "clip": float(clip.mean()),
-                         "gain": float(gain.mean()), "gain_se": se})
+                         "gain": gain, "gain_se": se})
     return rows
 
 

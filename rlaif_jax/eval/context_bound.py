@@ -31,6 +31,7 @@ import numpy as np
 
 from rlaif_jax.data.synthetic import scorer, text, world
 from rlaif_jax.eval.clip_probe import NUM_CLIPS, Answerer, colour_question, load_probe, named
+from rlaif_jax.eval.stats import mean_and_se
 
 READABLE_TYPES = ("colour_start", "colour_end", "appear_when", "change_when")
 
@@ -105,10 +106,7 @@ def summarize(records: Sequence[dict]) -> list[dict]:
         row = {"type": kind, "n": len(group)}
         row.update({k: float(v.mean()) for k, v in hits.items()})
         for k in ("reader", "with_context"):
-            gain = hits[k] - hits["no_context"]
-            row[f"{k}_gain"] = float(gain.mean())
-            row[f"{k}_gain_se"] = (float(gain.std(ddof=1) / np.sqrt(len(gain)))
-                                   if len(gain) > 1 else float("nan"))
+            row[f"{k}_gain"], row[f"{k}_gain_se"] = mean_and_se(hits[k] - hits["no_context"])
         rows.append(row)
     return rows
 

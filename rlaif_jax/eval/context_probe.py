@@ -30,6 +30,7 @@ import numpy as np
 from rlaif_jax.data import prompts
 from rlaif_jax.data.synthetic import scorer, text, world
 from rlaif_jax.eval.clip_probe import Answerer, load_probe
+from rlaif_jax.eval.stats import mean_and_se
 
 MODES = ("none", "true", "own", "wrong")
 TIME_LOCALISED = "time-localised"
@@ -86,10 +87,7 @@ def summarize(records: list[dict]) -> list[dict]:
         row = {"type": key, "n": len(group)}
         for mode in MODES:
             row[mode] = float(np.mean([r[mode] for r in group]))
-        gain = np.array([r["own"] - r["none"] for r in group])
-        row["gain_own"] = float(gain.mean())
-        row["gain_own_se"] = (float(np.std(gain, ddof=1) / np.sqrt(len(gain)))
-                              if len(gain) > 1 else float("nan"))
+        row["gain_own"], row["gain_own_se"] = mean_and_se([r["own"] - r["none"] for r in group])
         rows.append(row)
     return rows
 

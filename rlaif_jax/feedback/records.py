@@ -15,6 +15,7 @@ import numpy as np
 
 from rlaif_jax.data import prompts
 from rlaif_jax.data.synthetic import scorer, text
+from rlaif_jax.eval.stats import mean_and_se
 from rlaif_jax.feedback.judge import apply_margin, question_of
 from rlaif_jax.workdir.files import atomic_write_text, read_jsonl
 
@@ -154,12 +155,10 @@ def time_localised_agreement(judged: Sequence[dict]) -> dict:
                              for r in rows], np.float64)
     without = np.array([(1 if r["p_output_1_no_context"] >= 0.5 else 2) == r["true_preference"]
                         for r in rows], np.float64)
-    gain = with_context - without
     return {"feedback/agreement_with_truth_time_localised": float(with_context.mean()),
             "feedback/agreement_with_truth_no_context_time_localised": float(without.mean()),
             "feedback/pairs_time_localised": len(rows),
-            "feedback/agreement_gain_se_time_localised": float(
-                np.sqrt(np.var(gain, ddof=1) / len(rows)) if len(rows) > 1 else float("nan"))}
+            "feedback/agreement_gain_se_time_localised": mean_and_se(with_context - without)[1]}
 
 
 def judged_item(record: dict) -> dict:
