@@ -177,6 +177,7 @@ def load_probe(stage: str, world: str = "", frames: int = 0,
     """The model of a stage or step directory (at `frames` frames; 0: its own) and videos of
     its workdir's world (or of `world`): those named, or the eval videos."""
     step_dir, _ = stage_config(stage)
+    names = None if names is None else set(names)
     world_dir = world or world_dir_of(workdir_of(step_dir))
     tokenizer = transformers.AutoTokenizer.from_pretrained(stage_tokenizer_dir(step_dir))
     overrides = {"num_frames": frames} if frames else {}

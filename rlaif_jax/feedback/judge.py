@@ -266,6 +266,8 @@ class AIFeedback:
         if all(k is None for k in named):
             return [None] * len(questions)
         clips = clip_frames(np.asarray(frames), c)  # video i's clip k at row i * c + k
+        # Every row is asked (rows naming no clip on clip 0, answers dropped), so the sampler
+        # sees one batch shape whatever the mix of questions.
         picked = clips[np.array([i * c + (k or 0) for i, k in enumerate(named)])]
         rows = [conversation.tokenize_prompt(conversation.video_question(q), self.tokenizer)
                 for q in questions]

@@ -46,8 +46,8 @@ def truth_of(truths: Optional[dict], images: Any, question: str, a1: str, a2: st
 def clip_answer_grades(truths: Optional[dict], images: Any, question: str,
                        context: Optional[str]) -> dict:
     """Graded only, on the synthetic world: whether each clip answer of a `question` or
-    `named_clip` context is what its clip shows (`text.clip_answer`); {} for other contexts, questions answered
-    by clip descriptions, or unknown videos."""
+    `named_clip` context is what its clip shows (`text.clip_answer`); {} for other contexts,
+    questions answered by clip descriptions, or unknown videos."""
     truth = _video_truth(truths, images)
     spec = text.parse_question(question)
     if truth is None or not context or spec["type"] in text.DESCRIBED_IN_CLIPS:

@@ -179,8 +179,8 @@ def _named_clip_context_items(truth: dict, rng: np.random.Generator) -> list[dic
     """Context reading for the `named_clip` context: each question of the video whose time
     phrase names a clip (`prompts.clip_named_by`: the colour at the start or at the end), in
     each of its wordings, as (the video, what the named clip shows, the question) -> the true
-    answer. The clip answer is
-    replaced by a wrong one with probability P_CORRUPT_CLIP_ANSWER; the target stays the truth."""
+    answer. The clip answer is replaced by a wrong one with probability P_CORRUPT_CLIP_ANSWER;
+    the target stays the truth."""
     name = truth["name"]
     ranges = world.clip_frame_ranges(truth["num_frames"])
     items = []
