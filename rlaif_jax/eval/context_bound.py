@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from rlaif_jax.data.synthetic import generate as world_files
 from rlaif_jax.data.synthetic import scorer, text, world
 from rlaif_jax.eval.clip_probe import NUM_CLIPS, Answerer, colour_question, load_probe, named
 from rlaif_jax.eval.stats import mean_and_se
@@ -68,14 +69,15 @@ def bound(rows: Sequence[dict], video_of: dict, answer: Answerer,
     pairs = [r for r in rows if r["question_type"] in types and r.get("preference") is not None
              and r.get("preference_no_context") is not None
              and r["true_scores"][0] != r["true_scores"][1]]
-    shapes = {r["id"]: text.parse_question(r["question"]).get("shape") for r in pairs}
-    asks = sorted({((video_of[r["id"]], clip), colour_question(shapes[r["id"]]))
-                   for r in pairs for clip in range(NUM_CLIPS)})
+    # The question each pair's clips are asked: "What colour is the X?" of the pair's shape.
+    clip_asks = {r["id"]: [((video_of[r["id"]], clip),
+                            colour_question(text.parse_question(r["question"]).get("shape")))
+                           for clip in range(NUM_CLIPS)] for r in pairs}
+    asks = sorted({ask for pair_asks in clip_asks.values() for ask in pair_asks})
     answers = dict(zip(asks, answer(asks)))
     records = []
     for r in pairs:
-        colours = [named(answers[((video_of[r["id"]], clip), colour_question(shapes[r["id"]]))])
-                   for clip in range(NUM_CLIPS)]
+        colours = [named(answers[ask]) for ask in clip_asks[r["id"]]]
         derived = clip_derived_answer(r["question_type"], colours)
         verdict = r["preference_no_context"]
         if derived is not None:
@@ -140,7 +142,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     with open(judged_path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     rows = [r for r in rows if r["question_type"] in types]
-    video_of = {r["id"]: os.path.splitext(os.path.basename(r["images"]))[0] for r in rows}
+    video_of = {r["id"]: world_files.video_name(r["images"]) for r in rows}
     setup = load_probe(os.path.join(args.workdir, "sft"), names=sorted(set(video_of.values())))
     records = bound(rows, video_of, setup.answerer(args.batch_size), types)
     table = summarize(records)

@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from rlaif_jax.data import prompts
-from rlaif_jax.data.synthetic import scorer, text
+from rlaif_jax.data.synthetic import scorer, text, video_name
 from rlaif_jax.eval.stats import mean_and_se
 from rlaif_jax.feedback.judge import apply_margin, question_of
 from rlaif_jax.workdir.files import atomic_write_text, read_jsonl
@@ -28,7 +28,7 @@ def _video_truth(truths: Optional[dict], images: Any) -> Optional[dict]:
     """The synthetic world's truth of a record's video (None when unknown)."""
     if not truths or not isinstance(images, str):
         return None
-    return truths.get(os.path.splitext(os.path.basename(images))[0])
+    return truths.get(video_name(images))
 
 
 def truth_of(truths: Optional[dict], images: Any, question: str, a1: str, a2: str

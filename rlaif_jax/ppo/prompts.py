@@ -18,7 +18,7 @@ import numpy as np
 from rlaif_jax.data import conversation, prepare
 from rlaif_jax.data.builders.items_json import load_items
 from rlaif_jax.data.pipeline import Pipeline
-from rlaif_jax.data.synthetic import score_answer
+from rlaif_jax.data.synthetic import score_answer, video_name
 from rlaif_jax.parallel.mesh import ConfigError
 
 PROMPT_KEYS = ("input_ids", "attention_mask", "frames", "has_video", "index")
@@ -91,7 +91,7 @@ class TruthScorer:
             [{"from": r, "value": v} for r, v in zip(record["roles"], record["values"])])
         question = turn["value"].replace("<image>", "").strip()
         images = self.items.get(str(record["id"]), {}).get("images")
-        name = os.path.splitext(os.path.basename(images))[0] if isinstance(images, str) else ""
+        name = video_name(images) if isinstance(images, str) else ""
         return question, self.truths.get(name)
 
     def __call__(self, rollout) -> np.ndarray:

@@ -5,7 +5,8 @@
     python -m rlaif_jax.data.synthetic --out DIR --rl_videos N [--seed K]   (more RL prompts)
 """
 from rlaif_jax.data.synthetic.generate import (clip_path, generate_rl_split, generate_world,
-                                               load_manifest, load_truth, video_path)
+                                               load_manifest, load_truth, video_name,
+                                               video_path)
 from rlaif_jax.data.synthetic.render import encode_mp4, render_frames
 from rlaif_jax.data.synthetic.scorer import Score, preference, score_answer
 from rlaif_jax.data.synthetic.text import (answerable_specs, describe, describe_clips,
@@ -17,5 +18,5 @@ __all__ = [
     "Score", "answerable_specs", "clip_frame_ranges", "clip_path", "describe", "describe_clips",
     "encode_mp4", "generate_rl_split", "generate_world", "load_manifest", "load_truth",
     "parse_question", "preference", "question_text", "render_frames", "restrict_to_frames",
-    "score_answer", "true_answer", "video_path", "wrong_answer",
+    "score_answer", "true_answer", "video_name", "video_path", "wrong_answer",
 ]

@@ -50,6 +50,11 @@ def video_path(name: str) -> str:
     return f"videos/{name}.mp4"
 
 
+def video_name(path: str) -> str:
+    """The video a record's `images` path names (the inverse of `video_path`)."""
+    return os.path.splitext(os.path.basename(path))[0]
+
+
 def clip_path(name: str, clip: int) -> str:
     return f"videos/clips/{name}_clip{clip}.mp4"
 
